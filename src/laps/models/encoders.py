@@ -1,0 +1,186 @@
+"""Vision and text encoders: backbones from transformers or timm, projected to ``embed_size``.
+
+Every vision encoder says explicitly whether its token 0 is a [CLS] token and how many
+spatial tokens it returns; nothing is guessed from the token count.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+def _projection(width: int, embed_size: int) -> nn.Module:
+    return nn.Identity() if width == embed_size else nn.Linear(width, embed_size)
+
+
+class VisionEncoder(nn.Module):
+    """Images ``(B, 3, H, W)`` -> tokens ``(B, L, embed_size)``, [CLS] first when ``has_cls``.
+
+    Subclasses set ``backbone``, ``width``, ``has_cls``, ``num_patches``, ``image_size`` and
+    implement :meth:`tokens`.
+    """
+
+    backbone: nn.Module
+    width: int
+    has_cls: bool
+    num_patches: int
+    image_size: int
+
+    def __init__(self, embed_size: int) -> None:
+        super().__init__()
+        self.embed_size = embed_size
+
+    def _finish_init(self) -> None:
+        self.proj = _projection(self.width, self.embed_size)
+
+    def tokens(self, images: Tensor) -> Tensor:
+        """Backbone output tokens ``(B, L, width)``."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.proj(self.tokens(images))
+
+
+class HFVisionEncoder(VisionEncoder):
+    """A transformers ``ViTModel`` or ``SwinModel`` (or any model with ``last_hidden_state``).
+
+    Args:
+        name_or_path: hub name or local folder of a ``config.json`` (and weights when ``pretrained``).
+        embed_size: output width.
+        pretrained: load the weights; otherwise build a randomly initialised model from the config.
+        config_overrides: fields replaced in the config (e.g. ``image_size: 384``).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        embed_size: int,
+        pretrained: bool = True,
+        config_overrides: dict[str, Any] | None = None,
+        attn_implementation: str | None = None,
+    ) -> None:
+        super().__init__(embed_size)
+        from laps.models.hub import load_hf_model
+
+        self.backbone = load_hf_model(
+            name_or_path,
+            pretrained=pretrained,
+            config_overrides=config_overrides,
+            attn_implementation=attn_implementation,
+            option="backbone.vision.name_or_path",
+            add_pooling_layer=False,
+        )
+        cfg = self.backbone.config
+        self.model_type = cfg.model_type
+        if cfg.model_type == "swin" or hasattr(cfg, "depths"):
+            self.has_cls = False
+            self.width = int(cfg.hidden_size)
+            side = int(cfg.image_size) // int(cfg.patch_size) // (2 ** (len(cfg.depths) - 1))
+            self.num_patches = side * side
+        else:
+            self.has_cls = True
+            self.width = int(cfg.hidden_size)
+            self.num_patches = (int(cfg.image_size) // int(cfg.patch_size)) ** 2
+        self.image_size = int(cfg.image_size)
+        self._finish_init()
+
+    def tokens(self, images: Tensor) -> Tensor:
+        return self.backbone(pixel_values=images).last_hidden_state
+
+
+class TimmVisionEncoder(VisionEncoder):
+    """Any timm ViT-like (prefix tokens) or Swin-like (NHWC feature map) model.
+
+    Args:
+        model_name: timm architecture name, e.g. ``vit_base_patch16_224``.
+        embed_size: output width.
+        pretrained: load pretrained weights (from the hub, the cache, or ``checkpoint_path``).
+        checkpoint_path: a local weights file (``pretrained_cfg_overlay`` is set to it).
+        model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        embed_size: int,
+        pretrained: bool = True,
+        checkpoint_path: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(embed_size)
+        from laps.models.hub import create_timm_model
+
+        self.backbone = create_timm_model(
+            model_name, pretrained=pretrained, checkpoint_path=checkpoint_path, **(model_kwargs or {})
+        )
+        self.width = int(self.backbone.num_features)
+        prefix = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        if prefix > 1:
+            raise ValueError(
+                f"timm model {model_name!r} has {prefix} prefix tokens (registers or distillation "
+                "tokens); LAPS expects at most one [CLS] token"
+            )
+        self.has_cls = prefix == 1
+        size = self.backbone.pretrained_cfg.get("input_size", (3, 224, 224))
+        self.image_size = int(getattr(self.backbone.patch_embed, "img_size", size[1:])[0])
+        with torch.no_grad():
+            probe = self.backbone.forward_features(torch.zeros(1, 3, self.image_size, self.image_size))
+        self.num_patches = self._flatten(probe).shape[1] - int(self.has_cls)
+        self._finish_init()
+
+    @staticmethod
+    def _flatten(features: Tensor) -> Tensor:
+        return features.flatten(1, 2) if features.dim() == 4 else features
+
+    def tokens(self, images: Tensor) -> Tensor:
+        return self._flatten(self.backbone.forward_features(images))
+
+
+class TextEncoder(nn.Module):
+    """A BERT-family transformers model: ``input_ids`` ``(B, L)``, ``lengths`` ``(B,)`` -> ``(B, L, embed_size)``.
+
+    The attention mask is built from the lengths (positions past a caption's length are padding).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        embed_size: int,
+        pretrained: bool = True,
+        config_overrides: dict[str, Any] | None = None,
+        attn_implementation: str | None = None,
+    ) -> None:
+        super().__init__()
+        from laps.models.hub import load_hf_model
+
+        self.backbone = load_hf_model(
+            name_or_path,
+            pretrained=pretrained,
+            config_overrides=config_overrides,
+            attn_implementation=attn_implementation,
+            option="backbone.text.name_or_path",
+            add_pooling_layer=False,
+        )
+        self.width = int(self.backbone.config.hidden_size)
+        self.max_length = int(getattr(self.backbone.config, "max_position_embeddings", 512))
+        self.embed_size = embed_size
+        self.proj = _projection(self.width, embed_size)
+
+    def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        lengths = torch.as_tensor(lengths, device=input_ids.device)
+        mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < lengths[:, None]
+        out = self.backbone(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        return self.proj(out)
+
+
+def local_config_dir(path: str | Path) -> Path:
+    """A folder holding ``config.json``, given the folder or the file itself."""
+    path = Path(path)
+    return path.parent if path.is_file() else path

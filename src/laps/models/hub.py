@@ -1,0 +1,112 @@
+"""Loading backbones from a hub name, a local folder or the local cache, with one clear error offline."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Architectures of the official backbones, so that random-init models and official
+# checkpoints need no download. Values are transformers config fields.
+BASE_CONFIGS: dict[str, dict[str, Any]] = {
+    "google/vit-base-patch16-224-in21k": {"model_type": "vit"},
+    "google/vit-base-patch16-384": {"model_type": "vit", "image_size": 384},
+    "microsoft/swin-base-patch4-window7-224": {
+        "model_type": "swin",
+        "embed_dim": 128,
+        "depths": [2, 2, 18, 2],
+        "num_heads": [4, 8, 16, 32],
+        "window_size": 7,
+        "image_size": 224,
+    },
+    "microsoft/swin-base-patch4-window12-384": {
+        "model_type": "swin",
+        "embed_dim": 128,
+        "depths": [2, 2, 18, 2],
+        "num_heads": [4, 8, 16, 32],
+        "window_size": 12,
+        "image_size": 384,
+    },
+    "bert-base-uncased": {"model_type": "bert"},
+    "google-bert/bert-base-uncased": {"model_type": "bert"},
+}
+
+
+class BackboneUnavailableError(RuntimeError):
+    """Pretrained weights or a config could not be found locally or downloaded."""
+
+
+def _offline_message(name: str, cause: BaseException | None, option: str) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+    return (
+        f"Cannot load {name!r}: it is not in the local cache and {why}"
+        f"{f' ({type(cause).__name__})' if cause else ''}. Ways out: "
+        f"(1) download it elsewhere and point to the folder, e.g. {option}=/path/to/{Path(name).name}; "
+        f"(2) fill the Hugging Face cache (HF_HOME) on a machine with network and copy it here; "
+        f"(3) train from random initialisation with backbone.pretrained=false."
+    )
+
+
+def hf_config(name_or_path: str, overrides: dict[str, Any] | None = None, option: str = "backbone.vision"):
+    """A transformers config from a local folder/file, a known base architecture, or the hub/cache."""
+    from transformers import AutoConfig
+
+    overrides = dict(overrides or {})
+    path = Path(name_or_path)
+    if path.exists():
+        folder = path.parent if path.is_file() else path
+        return AutoConfig.from_pretrained(str(folder), **overrides)
+    if name_or_path in BASE_CONFIGS:
+        fields = {**BASE_CONFIGS[name_or_path], **overrides}
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **overrides)
+    except OSError as err:
+        raise BackboneUnavailableError(_offline_message(name_or_path, err, option)) from err
+
+
+def load_hf_model(
+    name_or_path: str,
+    pretrained: bool = True,
+    config_overrides: dict[str, Any] | None = None,
+    attn_implementation: str | None = None,
+    option: str = "backbone",
+    **model_kwargs: Any,
+) -> nn.Module:
+    """A transformers ``AutoModel``: pretrained from a hub name, folder or cache, or random from its config."""
+    from transformers import AutoModel
+
+    kwargs = dict(model_kwargs)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if not pretrained:
+        config = hf_config(name_or_path, config_overrides, option)
+        return AutoModel.from_config(config, **kwargs)
+    try:
+        return AutoModel.from_pretrained(name_or_path, **dict(config_overrides or {}), **kwargs)
+    except OSError as err:
+        raise BackboneUnavailableError(_offline_message(name_or_path, err, option)) from err
+
+
+def create_timm_model(
+    model_name: str, pretrained: bool = True, checkpoint_path: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """``timm.create_model`` with ``num_classes=0``; a local ``checkpoint_path`` overlays the pretrained file."""
+    import timm
+
+    if checkpoint_path:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if not pretrained or "connect" not in str(err).lower() and not isinstance(err, OSError):
+            raise
+        raise BackboneUnavailableError(
+            _offline_message(model_name, err, "backbone.vision.checkpoint_path")
+        ) from err
