@@ -71,10 +71,11 @@ def _world() -> tuple[int, int]:
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate ``x`` from every rank along dim 0, gradients flowing back to each rank's part.
 
-    Every rank's part must have the same shape. ``torch.distributed.nn.all_gather`` sums
-    the incoming gradients across ranks in backward, which is what the global loss needs:
-    each rank's loss term depends on every rank's embeddings. Combined with DDP's gradient
-    averaging, scale the per-rank loss by the world size (see ``global_batch_scale``).
+    Every rank's part must have the same shape. Every rank computes the same global loss;
+    ``torch.distributed.nn.all_gather`` sums the gradients that all ranks send back to each
+    part, so each rank's parameters receive ``world_size`` times their share, and DDP's
+    averaging divides that back: the result equals the single-process gradient, with no
+    extra scaling.
     """
     world, _ = _world()
     if world == 1:

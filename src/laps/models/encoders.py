@@ -147,6 +147,8 @@ class TextEncoder(nn.Module):
     """A BERT-family transformers model: ``input_ids`` ``(B, L)``, ``lengths`` ``(B,)`` -> ``(B, L, embed_size)``.
 
     The attention mask is built from the lengths (positions past a caption's length are padding).
+    ``vocab_size`` sets the vocabulary of a randomly initialised model (``pretrained=False``)
+    to the tokenizer's; a pretrained model's vocabulary must already cover it.
     """
 
     def __init__(
@@ -156,18 +158,28 @@ class TextEncoder(nn.Module):
         pretrained: bool = True,
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: str | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         from laps.models.hub import load_hf_model
 
+        overrides = dict(config_overrides or {})
+        if vocab_size is not None and not pretrained:
+            overrides["vocab_size"] = int(vocab_size)
         self.backbone = load_hf_model(
             name_or_path,
             pretrained=pretrained,
-            config_overrides=config_overrides,
+            config_overrides=overrides,
             attn_implementation=attn_implementation,
             option="backbone.text.name_or_path",
             add_pooling_layer=False,
         )
+        model_vocab = int(self.backbone.config.vocab_size)
+        if vocab_size is not None and vocab_size > model_vocab:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but text model {name_or_path!r} only {model_vocab}: "
+                "use the model's own tokenizer (dataset.tokenizer) or backbone.pretrained=false"
+            )
         self.width = int(self.backbone.config.hidden_size)
         self.max_length = int(getattr(self.backbone.config, "max_position_embeddings", 512))
         self.embed_size = embed_size

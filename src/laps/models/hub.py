@@ -65,10 +65,18 @@ def hf_config(name_or_path: str, overrides: dict[str, Any] | None = None, option
     if name_or_path in BASE_CONFIGS:
         fields = {**BASE_CONFIGS[name_or_path], **overrides}
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if name_or_path in _model_types():  # a bare architecture, e.g. "vit" with the sizes in overrides
+        return AutoConfig.for_model(name_or_path, **overrides)
     try:
         return AutoConfig.from_pretrained(name_or_path, **overrides)
     except OSError as err:
         raise BackboneUnavailableError(_offline_message(name_or_path, err, option)) from err
+
+
+def _model_types() -> set[str]:
+    from transformers import CONFIG_MAPPING
+
+    return set(CONFIG_MAPPING.keys())
 
 
 def load_hf_model(

@@ -1,0 +1,5 @@
+"""Retrieval metrics computed from a similarity matrix."""
+
+from laps.metrics.retrieval import coco_1k_metrics, retrieval_metrics, retrieval_ranks
+
+__all__ = ["coco_1k_metrics", "retrieval_metrics", "retrieval_ranks"]

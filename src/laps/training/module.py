@@ -1,0 +1,225 @@
+"""The LightningModule: the official LAPS training recipe around :class:`laps.models.LAPSModel`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import Tensor
+
+from laps.evaluation import protocol_metrics, score_matrix
+from laps.losses import contrastive_loss, gather_no_grad, gather_with_grad, max_across_ranks, pad_to, ratio_loss
+from laps.models import LAPSModel
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss or gradient."""
+
+
+class LAPSLitModule(LightningModule):
+    """Trains LAPS with the hinge loss on the global batch; validates and tests by full retrieval.
+
+    Args:
+        net: the model (encoders and head).
+        optimizer: a partial optimizer taking parameter groups (``_partial_: true`` in Hydra).
+        scheduler: a partial epoch-level scheduler taking the optimizer, or ``None``.
+        backbone_lr_mult: learning-rate factor of the vision and text backbones (0.1 officially).
+        margin: hinge margin.
+        ratio_weight: weight of the ratio loss.
+        vse_mean_warmup_epochs: hardest negatives from this epoch on (sum over negatives before).
+        embedding_warmup_epochs: the epoch in which the contrastive term ramps up from 0 to 1.
+        max_nonfinite_steps: consecutive skipped steps (NaN/Inf loss or gradient) before stopping.
+        eval_image_block: images per scoring step in validation and test.
+        save_sims: write the test similarity matrix as ``sims_{split}.pt`` in the run directory.
+    """
+
+    def __init__(
+        self,
+        net: LAPSModel,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        backbone_lr_mult: float = 0.1,
+        margin: float = 0.2,
+        ratio_weight: float = 2.0,
+        vse_mean_warmup_epochs: int = 1,
+        embedding_warmup_epochs: int = 0,
+        max_nonfinite_steps: int = 10,
+        eval_image_block: int = 128,
+        save_sims: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.nonfinite_steps = 0
+        self._nonfinite_in_a_row = 0
+        self.config_snapshot: dict[str, Any] | None = None
+        self.output_dir: Path | None = None
+        self.test_metrics: dict[str, float] = {}
+        self._eval: dict[str, list[Tensor]] = {}
+
+    # ------------------------------------------------------------------ training
+    def max_violation(self) -> bool:
+        return self.current_epoch >= self.hparams.vse_mean_warmup_epochs
+
+    def warmup_alpha(self, batch_idx: int) -> float:
+        if self.current_epoch != self.hparams.embedding_warmup_epochs:
+            return 1.0
+        n_batches = self.trainer.num_training_batches if self._trainer is not None else 0
+        if not n_batches or math.isinf(n_batches):
+            return 1.0
+        return batch_idx / n_batches
+
+    def gather_batch(self, img: Tensor, cap: Tensor, lens: Tensor, ids: Tensor) -> tuple[Tensor, ...]:
+        """Every rank's embeddings (with gradients), lengths and image ids: the global batch."""
+        cap = pad_to(cap, max_across_ranks(cap.shape[1], cap.device), dim=1)
+        return gather_with_grad(img), gather_with_grad(cap), gather_no_grad(lens), gather_no_grad(ids)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        img = self.net.encode_image(batch["images"])
+        cap = self.net.encode_text(batch["input_ids"], batch["lengths"])
+        img, cap, lens, ids = self.gather_batch(img, cap, batch["lengths"], batch["img_ids"])
+        sims, mask = self.net.head.similarity(img, cap, lens, return_mask=True)
+        contrastive = contrastive_loss(sims, ids, self.hparams.margin, self.max_violation())
+        ratio = ratio_loss(mask, self.net.head.sparse_ratio)
+        loss = self.warmup_alpha(batch_idx) * contrastive + self.hparams.ratio_weight * ratio
+        bs = batch["images"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/contrastive", contrastive, batch_size=bs)
+        self.log("train/ratio_loss", ratio, batch_size=bs)
+        self.log("train/max_violation", float(self.max_violation()), batch_size=bs)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Gradients are already averaged across ranks here, so every rank takes the same decision.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if finite:
+            self._nonfinite_in_a_row = 0
+            return
+        for p in self.parameters():
+            p.grad = None  # the optimizer then skips every parameter: no state is touched
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        log.warning("non-finite loss or gradient at step %d: step skipped", self.global_step)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_in_a_row} steps in a row had a NaN/Inf loss or gradient "
+                f"(model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}); lower the learning "
+                "rate or check the data"
+            )
+
+    def configure_optimizers(self) -> Any:
+        backbone, rest = [], []
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            (backbone if name.startswith(("vision.backbone.", "text.backbone.")) else rest).append(p)
+        optimizer = self.optimizer_factory([{"params": backbone, "lr_mult": self.hparams.backbone_lr_mult},
+                                            {"params": rest, "lr_mult": 1.0}])
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group["lr_mult"]
+            group["initial_lr"] = group["lr"]
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["laps_config"] = self.config_snapshot
+        checkpoint["laps_state"] = {"nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self._nonfinite_in_a_row}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("laps_state") or {}
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self._nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+
+    # ------------------------------------------------------------------ evaluation
+    def _reset_eval(self) -> None:
+        self._eval = {"img": [], "img_idx": [], "cap": [], "cap_len": [], "cap_idx": [], "cap_img": []}
+
+    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+        if dataloader_idx == 0:
+            self._eval["img"].append(self.net.encode_image(batch["images"]).float())
+            self._eval["img_idx"].append(batch["indices"])
+        else:
+            cap = self.net.encode_text(batch["input_ids"], batch["lengths"]).float()
+            self._eval["cap"].append(cap)
+            self._eval["cap_len"].append(batch["lengths"])
+            self._eval["cap_idx"].append(batch["indices"])
+            self._eval["cap_img"].append(batch["img_ids"])
+
+    def _gathered(self) -> tuple[Tensor, ...]:
+        """All ranks' embeddings in dataset order, duplicates from sampler padding dropped."""
+        e = self._eval
+        if not e["img"] or not e["cap"]:
+            raise RuntimeError("evaluation saw no images or no captions")
+        width = max(c.shape[1] for c in e["cap"])
+        width = max_across_ranks(width, e["cap"][0].device)
+        img, img_idx = torch.cat(e["img"]), torch.cat(e["img_idx"])
+        cap = torch.cat([pad_to(c, width) for c in e["cap"]])
+        cap_len, cap_idx, cap_img = torch.cat(e["cap_len"]), torch.cat(e["cap_idx"]), torch.cat(e["cap_img"])
+        img, img_idx = gather_no_grad(img), gather_no_grad(img_idx)
+        cap, cap_len = gather_no_grad(cap), gather_no_grad(cap_len)
+        cap_idx, cap_img = gather_no_grad(cap_idx), gather_no_grad(cap_img)
+        img_order = _first_of_each(img_idx)
+        cap_order = _first_of_each(cap_idx)
+        return img[img_order], cap[cap_order], cap_len[cap_order], cap_img[cap_order]
+
+    def _score_split(self, prefix: str, protocol: str) -> dict[str, float]:
+        img, cap, cap_len, cap_img = self._gathered()
+        self._reset_eval()
+        sims = score_matrix(
+            self.net.head, img, cap, cap_len, image_block=self.hparams.eval_image_block,
+            progress=self.trainer.is_global_zero if self._trainer is not None else True,
+        )
+        metrics = protocol_metrics(sims, cap_img.cpu(), protocol, prefix)
+        if self.hparams.save_sims and prefix == "test" and self.output_dir is not None and self.global_rank == 0:
+            path = Path(self.output_dir) / "sims_test.pt"
+            torch.save({"sims": sims, "cap_to_img": cap_img.cpu()}, path)
+            log.info("similarity matrix saved to %s", path)
+        return metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_eval()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._reset_eval()
+            return
+        metrics = self._score_split("val", "f30k")
+        self.log_dict(metrics, sync_dist=False)
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_eval()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        protocol = getattr(self.trainer.datamodule, "protocol", "f30k")
+        metrics = self._score_split("test", protocol)
+        self.test_metrics = metrics
+        self.log_dict(metrics, sync_dist=False)
+
+
+def _first_of_each(indices: Tensor) -> Tensor:
+    """Positions that sort ``indices`` ascending, keeping the first occurrence of each value."""
+    order = torch.argsort(indices, stable=True)
+    sorted_idx = indices[order]
+    keep = torch.ones_like(sorted_idx, dtype=torch.bool)
+    keep[1:] = sorted_idx[1:] != sorted_idx[:-1]
+    return order[keep]
