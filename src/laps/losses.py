@@ -95,6 +95,19 @@ def gather_no_grad(x: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+def gather_rows_with_grad(x: Tensor) -> Tensor:
+    """:func:`gather_with_grad` for parts whose first dimension differs between ranks."""
+    world, _ = _world()
+    if world == 1:
+        return x
+    sizes = gather_no_grad(torch.tensor([x.shape[0]], device=x.device))
+    largest = int(sizes.max())
+    padded = torch.cat([x, x.new_zeros(largest - x.shape[0], *x.shape[1:])]) if x.shape[0] < largest else x
+    full = gather_with_grad(padded)
+    keep = torch.cat([torch.arange(int(n), device=x.device) + r * largest for r, n in enumerate(sizes)])
+    return full[keep]
+
+
 def pad_to(x: Tensor, length: int, dim: int = 1) -> Tensor:
     """Zero-pad ``x`` along ``dim`` up to ``length``."""
     missing = length - x.shape[dim]

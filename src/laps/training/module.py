@@ -13,7 +13,14 @@ from lightning import LightningModule
 from torch import Tensor
 
 from laps.evaluation import protocol_metrics, score_matrix
-from laps.losses import contrastive_loss, gather_no_grad, gather_with_grad, max_across_ranks, pad_to, ratio_loss
+from laps.losses import (
+    contrastive_loss,
+    gather_no_grad,
+    gather_rows_with_grad,
+    max_across_ranks,
+    pad_to,
+    ratio_loss,
+)
 from laps.models import LAPSModel
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,7 @@ class LAPSLitModule(LightningModule):
         self.config_snapshot: dict[str, Any] | None = None
         self.output_dir: Path | None = None
         self.test_metrics: dict[str, float] = {}
+        self.skipped_images: set[str] = set()
         self._eval: dict[str, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ training
@@ -81,12 +89,17 @@ class LAPSLitModule(LightningModule):
     def gather_batch(self, img: Tensor, cap: Tensor, lens: Tensor, ids: Tensor) -> tuple[Tensor, ...]:
         """Every rank's embeddings (with gradients), lengths and image ids: the global batch."""
         cap = pad_to(cap, max_across_ranks(cap.shape[1], cap.device), dim=1)
-        return gather_with_grad(img), gather_with_grad(cap), gather_no_grad(lens), gather_no_grad(ids)
+        return (gather_rows_with_grad(img), gather_rows_with_grad(cap), gather_rows_with_grad(lens),
+                gather_rows_with_grad(ids))
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if batch.get("skipped"):
+            self.skipped_images.update(batch["skipped"])
         img = self.net.encode_image(batch["images"])
         cap = self.net.encode_text(batch["input_ids"], batch["lengths"])
         img, cap, lens, ids = self.gather_batch(img, cap, batch["lengths"], batch["img_ids"])
+        if img.shape[0] < 2:  # every image of the (global) batch was skipped: nothing to contrast
+            return None
         sims, mask = self.net.head.similarity(img, cap, lens, return_mask=True)
         contrastive = contrastive_loss(sims, ids, self.hparams.margin, self.max_violation())
         ratio = ratio_loss(mask, self.net.head.sparse_ratio)
@@ -97,6 +110,12 @@ class LAPSLitModule(LightningModule):
         self.log("train/ratio_loss", ratio, batch_size=bs)
         self.log("train/max_violation", float(self.max_violation()), batch_size=bs)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.skipped_images:
+            log.warning("epoch %d: %d unreadable or missing images skipped (dataset.on_bad_image=skip)",
+                        self.current_epoch, len(self.skipped_images))
+        self.log("train/skipped_images", float(len(self.skipped_images)))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are already averaged across ranks here, so every rank takes the same decision.
@@ -172,9 +191,10 @@ class LAPSLitModule(LightningModule):
         img, img_idx = gather_no_grad(img), gather_no_grad(img_idx)
         cap, cap_len = gather_no_grad(cap), gather_no_grad(cap_len)
         cap_idx, cap_img = gather_no_grad(cap_idx), gather_no_grad(cap_img)
-        img_order = _first_of_each(img_idx)
-        cap_order = _first_of_each(cap_idx)
-        return img[img_order], cap[cap_order], cap_len[cap_order], cap_img[cap_order]
+        img_order, cap_order = _first_of_each(img_idx), _first_of_each(cap_idx)
+        img, img_idx = img[img_order], img_idx[img_order]
+        cap, cap_len, cap_img = cap[cap_order], cap_len[cap_order], cap_img[cap_order]
+        return _matched(img, img_idx, cap, cap_len, cap_img)
 
     def _score_split(self, prefix: str, protocol: str) -> dict[str, float]:
         img, cap, cap_len, cap_img = self._gathered()
@@ -214,6 +234,27 @@ class LAPSLitModule(LightningModule):
         metrics = self._score_split("test", protocol)
         self.test_metrics = metrics
         self.log_dict(metrics, sync_dist=False)
+
+
+def _matched(img: Tensor, img_idx: Tensor, cap: Tensor, cap_len: Tensor, cap_img: Tensor) -> tuple[Tensor, ...]:
+    """Keep the images and captions that can be ranked (partial runs such as ``limit_val_batches``).
+
+    Returns the image embeddings, caption embeddings, lengths, and each caption's row in the images.
+    """
+    row_of = torch.full((int(max(img_idx.max(), cap_img.max())) + 1,), -1, dtype=torch.long, device=img_idx.device)
+    row_of[img_idx] = torch.arange(img_idx.numel(), device=img_idx.device)
+    cap_row = row_of[cap_img]
+    has_image = cap_row >= 0
+    has_caption = torch.zeros(img_idx.numel(), dtype=torch.bool, device=img_idx.device)
+    has_caption[cap_row[has_image]] = True
+    if bool(has_image.all()) and bool(has_caption.all()):
+        return img, cap, cap_len, cap_row
+    log.warning(
+        "partial evaluation: %d of %d captions and %d of %d images can be ranked (the rest lack their pair)",
+        int(has_image.sum()), has_image.numel(), int(has_caption.sum()), has_caption.numel(),
+    )
+    new_row = torch.cumsum(has_caption.long(), 0) - 1
+    return img[has_caption], cap[has_image], cap_len[has_image], new_row[cap_row[has_image]]
 
 
 def _first_of_each(indices: Tensor) -> Tensor:

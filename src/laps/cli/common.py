@@ -1,0 +1,101 @@
+"""Shared plumbing of the command-line tasks: resolvers, one-line errors, result tables."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("laps")
+
+# Errors a user can fix from the command line: reported in one line, not as a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError, KeyError)
+
+
+def _wandb_offline() -> bool:
+    """wandb runs offline unless WANDB_MODE=online was asked for (never uploads by surprise)."""
+    return os.environ.get("WANDB_MODE", "offline").lower() != "online"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("laps_wandb_offline"):
+        OmegaConf.register_new_resolver("laps_wandb_offline", _wandb_offline)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The exception to report in one line, unwrapping Hydra's instantiation wrapper, or None."""
+    from hydra.errors import InstantiationException
+
+    seen = err
+    while isinstance(seen, InstantiationException) and seen.__cause__ is not None:
+        seen = seen.__cause__
+    return seen if isinstance(seen, USER_ERRORS) else None
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Report user errors as ``error: ...`` and exit 2; ``HYDRA_FULL_ERROR=1`` shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - filtered just below
+            cause = user_error(err)
+            if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks that need no model or data, naming the key at fault."""
+    for key in ("ratios.sparse_ratio", "ratios.aggr_ratio"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"{key} must be in (0, 1], got {value!r}")
+    batch = OmegaConf.select(cfg, "dataset.batch_size")
+    if batch is not None and int(batch) < 2:
+        raise ValueError(f"dataset.batch_size must be at least 2 (the contrastive loss needs negatives), got {batch}")
+
+
+def metrics_table(metrics: dict[str, float], title: str) -> None:
+    """Print a rich table of retrieval metrics grouped by prefix (``test/``, ``test_1k/``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    groups: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        prefix, _, name = key.partition("/")
+        groups.setdefault(prefix, {})[name] = float(value)
+    cols = ["R@1", "R@5", "R@10", "medr", "meanr"]
+    table = Table(title=title)
+    table.add_column("protocol")
+    table.add_column("direction")
+    for c in cols:
+        table.add_column(c, justify="right")
+    table.add_column("rsum", justify="right")
+    for prefix, vals in groups.items():
+        for direction in ("i2t", "t2i"):
+            if f"{direction}_R@1" not in vals:
+                continue
+            row = [f"{vals[f'{direction}_{c}']:.1f}" for c in cols]
+            rsum = f"{vals['rsum']:.1f}" if direction == "i2t" and "rsum" in vals else ""
+            table.add_row(prefix, direction, *row, rsum)
+    Console().print(table)
+
+
+def write_metrics(metrics: dict[str, float], output_dir: str | Path) -> Path:
+    path = Path(output_dir) / "metrics.json"
+    path.write_text(json.dumps({k: float(v) for k, v in sorted(metrics.items())}, indent=2))
+    log.info("metrics written to %s", path)
+    return path

@@ -1,0 +1,66 @@
+"""``laps-eval ckpt_path=...``: test a checkpoint on its dataset's test split and write ``metrics.json``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from laps.cli.common import metrics_table, one_line_errors, register_resolvers, write_metrics
+from laps.cli.train import build_datamodule, build_module, resolve_ckpt
+from laps.paths import config_dir
+
+log = logging.getLogger("laps")
+
+
+def run_config(cfg: DictConfig, checkpoint: dict) -> DictConfig:
+    """The training run's configuration stored in the checkpoint, with ``overrides`` applied."""
+    stored = checkpoint.get("laps_config")
+    if not stored:
+        raise ValueError(
+            f"ckpt_path={cfg.ckpt_path} holds no laps configuration: it was not written by laps-train "
+            "(official LAPS checkpoints: convert them with laps-import-official first)"
+        )
+    merged = OmegaConf.merge(OmegaConf.create(stored), cfg.get("overrides") or {})
+    merged.paths.output_dir = cfg.paths.output_dir
+    merged.model.save_sims = bool(cfg.get("save_sims", False))
+    return merged
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Rebuild the model from the checkpoint, test it, return the ``test/...`` metrics."""
+    from laps.compat.serialization import safe_load
+
+    path = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_dir)
+    checkpoint = safe_load(path)
+    run_cfg = run_config(cfg, checkpoint)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(run_cfg)
+    module = build_module(run_cfg, datamodule.vocab_size)
+    module.load_state_dict(checkpoint["state_dict"])
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    trainer.test(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
+    if trainer.is_global_zero:
+        metrics_table(metrics, f"{datamodule.name} {datamodule.splits['test']} ({datamodule.protocol} protocol)")
+        write_metrics(metrics, cfg.paths.output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+@one_line_errors
+def _main(cfg: DictConfig) -> float | None:
+    return evaluate(cfg).get("test/rsum")
+
+
+def main() -> None:
+    register_resolvers()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""``laps-train``: train LAPS, validate on the dev split each epoch, test the best checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from laps.cli.common import metrics_table, one_line_errors, register_resolvers, validate_config, write_metrics
+from laps.paths import config_dir
+
+log = logging.getLogger("laps")
+
+
+def instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a config group (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    return datamodule
+
+
+def build_module(cfg: DictConfig, vocab_size: int) -> L.LightningModule:
+    """The LightningModule, the random text model's vocabulary sized to the tokenizer's."""
+    module = hydra.utils.instantiate(cfg.model, net={"text": {"vocab_size": vocab_size}})
+    module.config_snapshot = OmegaConf.to_container(cfg, resolve=True)
+    module.output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("compile"):
+        module.net.vision = torch.compile(module.net.vision)
+        module.net.text = torch.compile(module.net.text)
+    return module
+
+
+def resolve_ckpt(ckpt_path: str | None, output_dir: str) -> str | None:
+    """``last`` -> the run directory's ``checkpoints/last.ckpt``; paths are checked as safe to load."""
+    if not ckpt_path:
+        return None
+    from laps.compat.serialization import safe_load
+
+    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {path}")
+    safe_load(path)  # refuses anything but tensors and plain containers before Lightning reads it
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, then test the best checkpoint; returns every logged metric (``val/...``, ``test/...``)."""
+    validate_config(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule.vocab_size)
+    loggers = instantiate_list(cfg.get("logger"))
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    if cfg.get("test", True) and not trainer.fast_dev_run:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            log.info("testing the best checkpoint (val/rsum): %s", best)
+            resolve_ckpt(best, cfg.paths.output_dir)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
+        metrics.update(test)
+        if trainer.is_global_zero:
+            metrics_table(test, f"{datamodule.name} {datamodule.splits['test']} ({datamodule.protocol} protocol)")
+    if trainer.is_global_zero:
+        write_metrics(metrics, cfg.paths.output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@one_line_errors
+def _main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("test/rsum", metrics.get("val/rsum"))
+
+
+def main() -> None:
+    register_resolvers()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Datasets, data modules and data generation for LAPS."""

@@ -1,0 +1,156 @@
+"""The LightningDataModule: official-layout datasets (Flickr30K, MS-COCO, synthetic) for training and retrieval."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+
+class LAPSDataModule(LightningDataModule):
+    """Training pairs and, for validation/test, two loaders: every image once, then every caption.
+
+    Args:
+        name: dataset name (``f30k``, ``coco``, ``synthetic``), for logs.
+        root: the dataset folder in the official layout.
+        images_dir: images folder, relative to ``root`` or absolute.
+        id_mapping: ``id_mapping.json`` relative to ``root``.
+        train_split, val_split, test_split: split names (``{split}_caps.txt``/``{split}_ids.txt``).
+        protocol: ``f30k`` (one matrix) or ``coco`` (5K plus the 5-fold 1K mean) for the test split.
+        image_size: side of the square input images.
+        tokenizer: hub name or folder of a BERT WordPiece vocabulary.
+        max_words: word pieces kept per caption ([CLS]/[SEP] excluded).
+        size_augment: the official word-level size augmentation on training captions.
+        batch_size: training batch per device; eval_batch_size: evaluation batch per device.
+        on_bad_image: ``error`` or ``skip`` for missing/unreadable images.
+        synthetic: generator parameters; when given, the dataset is generated into ``root`` if missing.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        images_dir: str = "images",
+        id_mapping: str = "id_mapping.json",
+        train_split: str = "train",
+        val_split: str = "dev",
+        test_split: str = "test",
+        protocol: str = "f30k",
+        image_size: int = 224,
+        tokenizer: str = "bert-base-uncased",
+        max_words: int = 90,
+        size_augment: bool = True,
+        batch_size: int = 128,
+        eval_batch_size: int = 128,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        on_bad_image: str = "error",
+        synthetic: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"dataset.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        if batch_size < 2:
+            raise ValueError(f"dataset.batch_size must be at least 2 (the contrastive loss needs negatives), got {batch_size}")
+        self.name = name
+        self.root = Path(root).expanduser()
+        self.images_dir = images_dir
+        self.id_mapping = id_mapping
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.protocol = protocol
+        self.image_size = image_size
+        self.tokenizer_name = tokenizer
+        self.max_words = max_words
+        self.size_augment = size_augment
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.on_bad_image = on_bad_image
+        self.synthetic = dict(synthetic) if synthetic else None
+        self._tokenizer = None
+        self._sets: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            from laps.data.synthetic import ensure_synthetic
+
+            ensure_synthetic(self.root, **self.synthetic)
+        elif not self.root.is_dir():
+            raise FileNotFoundError(
+                f"dataset folder {self.root} does not exist: set dataset.root=/path/to/{self.name} "
+                "(the official layout: {split}_caps.txt, {split}_ids.txt, id_mapping.json, images)"
+            )
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from laps.data.tokenization import CaptionTokenizer
+
+            self._tokenizer = CaptionTokenizer(self.tokenizer_name, max_words=self.max_words)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def _split(self, stage: str):
+        from laps.data.datasets import load_split
+
+        if stage not in self._sets:
+            self._sets[stage] = load_split(self.root, self.splits[stage], self.images_dir, self.id_mapping)
+        return self._sets[stage]
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: ("train", "val", "test")}
+        for s in wanted.get(stage, ()):
+            self._split(s)
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset, batch_size: int, collate, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        from laps.data.datasets import PairDataset
+
+        ds = PairDataset(
+            self._split("train"), self.tokenizer, image_size=self.image_size,
+            augment=self.size_augment, on_bad_image=self.on_bad_image,
+        )
+        if len(ds) < self.batch_size:
+            raise ValueError(
+                f"the {self.splits['train']} split has {len(ds)} captions, fewer than dataset.batch_size={self.batch_size}"
+            )
+        return self._loader(ds, self.batch_size, ds.collate, shuffle=True, drop_last=True)
+
+    def _eval_loaders(self, stage: str) -> list[DataLoader]:
+        from laps.data.datasets import CaptionDataset, ImageDataset
+
+        split = self._split(stage)
+        images = ImageDataset(split, image_size=self.image_size, on_bad_image=self.on_bad_image)
+        captions = CaptionDataset(split, self.tokenizer)
+        return [
+            self._loader(images, self.eval_batch_size, images.collate, shuffle=False, drop_last=False),
+            self._loader(captions, self.eval_batch_size * 4, captions.collate, shuffle=False, drop_last=False),
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
