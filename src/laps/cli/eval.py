@@ -24,7 +24,10 @@ def run_config(cfg: DictConfig, checkpoint: dict) -> DictConfig:
             f"ckpt_path={cfg.ckpt_path} holds no laps configuration: it was not written by laps-train "
             "(official LAPS checkpoints: convert them with laps-import-official first)"
         )
-    merged = OmegaConf.merge(OmegaConf.create(stored), cfg.get("overrides") or {})
+    replace: dict = {}
+    if cfg.get("dataset"):
+        replace["dataset"] = OmegaConf.to_container(cfg.dataset, resolve=False)
+    merged = OmegaConf.merge(OmegaConf.create(stored), replace, cfg.get("overrides") or {})
     merged.paths.output_dir = cfg.paths.output_dir
     merged.model.save_sims = bool(cfg.get("save_sims", False))
     return merged

@@ -31,8 +31,15 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 
 def build_module(cfg: DictConfig, vocab_size: int) -> L.LightningModule:
-    """The LightningModule, the random text model's vocabulary sized to the tokenizer's."""
-    module = hydra.utils.instantiate(cfg.model, net={"text": {"vocab_size": vocab_size}})
+    """The LightningModule; a random text model without a set vocabulary gets the tokenizer's size."""
+    extra = {} if cfg.backbone.text.get("vocab_size") else {"net": {"text": {"vocab_size": vocab_size}}}
+    module = hydra.utils.instantiate(cfg.model, **extra)
+    model_vocab = int(module.net.text.backbone.config.vocab_size)
+    if vocab_size > model_vocab:
+        raise ValueError(
+            f"the tokenizer ({cfg.dataset.tokenizer}) has {vocab_size} tokens but the text model only "
+            f"{model_vocab}: use the model's own tokenizer (dataset.tokenizer)"
+        )
     module.config_snapshot = OmegaConf.to_container(cfg, resolve=True)
     module.output_dir = Path(cfg.paths.output_dir)
     if cfg.get("compile"):

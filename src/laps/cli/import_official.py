@@ -1,0 +1,104 @@
+"""``laps-import-official PATH --out CKPT``: an official LAPS checkpoint as a laps checkpoint for ``laps-eval``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from laps.cli.common import register_resolvers
+from laps.paths import config_dir
+
+log = logging.getLogger("laps")
+
+BACKBONES = {("vit", 224): "vit", ("vit", 384): "vit_384", ("swin", 224): "swin", ("swin", 384): "swin_384"}
+
+
+def official_overrides(hparams: dict[str, Any], vision_config: str | None, text_config: str | None,
+                       tokenizer: str | None, vocab_size: int) -> list[str]:
+    """Hydra overrides describing the official run's architecture (random init: weights come from the file)."""
+    key = (hparams["vit_type"], int(hparams["img_res"]))
+    if key not in BACKBONES:
+        raise ValueError(f"no backbone config for vit_type={key[0]!r} at img_res={key[1]}")
+    dataset = hparams.get("dataset") if hparams.get("dataset") in ("f30k", "coco") else "f30k"
+    out = [
+        "~experiment", f"dataset={dataset}", f"backbone={BACKBONES[key]}", "backbone.pretrained=false",
+        f"backbone.embed_size={int(hparams['embed_size'])}",
+        f"ratios.sparse_ratio={float(hparams['sparse_ratio'])}", f"ratios.aggr_ratio={float(hparams['aggr_ratio'])}",
+        f"model.margin={float(hparams.get('margin', 0.2))}", f"model.ratio_weight={float(hparams.get('ratio_weight', 2.0))}",
+        f"backbone.text.vocab_size={vocab_size}",
+        f"dataset.tokenizer={tokenizer or 'bert-base-uncased'}",
+    ]
+    if vision_config:
+        out.append(f"backbone.vision.name_or_path={Path(vision_config).resolve()}")
+    if text_config:
+        out.append(f"backbone.text.name_or_path={Path(text_config).resolve()}")
+    return out
+
+
+def import_official(path: str | Path, out: str | Path, vision_config: str | None = None,
+                    text_config: str | None = None, tokenizer: str | None = None) -> Path:
+    """Convert ``path`` and write ``out`` (``state_dict`` + ``laps_config``); returns ``out``."""
+    from hydra.utils import instantiate
+
+    from laps.compat.official import load_official_checkpoint, read_official_checkpoint
+
+    register_resolvers()
+    official = read_official_checkpoint(path)
+    model = load_official_checkpoint(path, vision_config, text_config)
+    vocab = int(model.text.backbone.config.vocab_size)
+    overrides = official_overrides(official.hparams, vision_config, text_config, tokenizer, vocab)
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = "."
+        cfg.paths.work_dir = "."
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    rebuilt = instantiate(cfg.model.net)
+    state = {f"net.{k}": v for k, v in model.state_dict().items()}
+    missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: the converted weights do not fit the laps configuration (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}); an official projection between equal widths is one cause"
+        )
+    checkpoint = {
+        "state_dict": state,
+        "laps_config": cfg_dict,
+        "official": {"source": str(path), "epoch": official.epoch, "best_rsum": official.best_rsum},
+        "epoch": int(official.epoch or 0),
+        "global_step": int(official.eiters or 0),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(out)
+    log.info("wrote %s: evaluate it with `laps-eval ckpt_path=%s`", out, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="laps-import-official", description=__doc__)
+    parser.add_argument("path", help="official model_best.pth / checkpoint.pth")
+    parser.add_argument("--out", required=True, help="laps checkpoint to write")
+    parser.add_argument("--vision-config", help="config.json (or its folder) replacing the official vision backbone's")
+    parser.add_argument("--text-config", help="config.json (or its folder) replacing bert-base-uncased's")
+    parser.add_argument("--tokenizer", help="tokenizer hub name or folder (default bert-base-uncased)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        import_official(args.path, args.out, args.vision_config, args.text_config, args.tokenizer)
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Loading ``torch.save`` files without running code from them.
+
+Every checkpoint this project reads goes through :func:`safe_load`: ``torch.load`` with
+``weights_only=True`` and an explicit, short allow-list of globals. A file whose pickle
+names anything else (a function to call, a class to build) is refused before that object
+is created, with :class:`UnsafeCheckpointError` naming the file and the refused globals.
+
+What is allowed, on top of torch's own weights-only set (tensors, dtypes, ``OrderedDict``,
+``Counter``, ``set``, ...):
+
+* ``argparse.Namespace``: the ``opt`` entry of official LAPS checkpoints.
+
+Lightning checkpoints of this project need nothing more: hyper-parameters are saved as
+plain dicts, and optimizer, scheduler, loop and callback states are dicts of primitives
+and tensors. OmegaConf containers are deliberately *not* allowed (save ``to_container``
+output instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ALLOWED_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
+"""Globals (beyond torch's weights-only defaults) that :func:`safe_load` accepts."""
+
+_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL\s+([\w.]+)")
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint needs globals outside the allow-list; nothing from it was executed.
+
+    Attributes:
+        path: the refused file.
+        refused: the refused globals as ``module.name`` strings (may be empty when torch
+            refused the file for another weights-only reason, given in the message).
+    """
+
+    def __init__(self, path: str | os.PathLike, refused: list[str], detail: str = "") -> None:
+        self.path = str(path)
+        self.refused = list(refused)
+        names = ", ".join(self.refused) if self.refused else "(see detail)"
+        message = (
+            f"Refusing to load {self.path}: it needs global(s) outside the allow-list: {names}. "
+            "Nothing from the file was executed. Only load files you trust; to allow a known, "
+            "harmless class pass it in safe_load(..., extra_globals=[...])."
+        )
+        if detail:
+            message += f" Detail: {detail}"
+        super().__init__(message)
+
+
+def _global_name(entry: Any) -> str:
+    obj = entry[0] if isinstance(entry, tuple) else entry
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
+        return entry[1]
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+
+
+def _refused_globals(path: Path, allowed: list[Any], error: BaseException) -> list[str]:
+    """Names of the globals torch refused: a static scan of the pickle, else the error message."""
+    allowed_names = {_global_name(a) for a in allowed}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # legacy (non-zip) format or unreadable archive: fall back to the message
+        found = []
+    names = [n for n in found if n not in allowed_names]
+    if not names:
+        names = sorted(set(_GLOBAL_IN_MESSAGE.findall(str(error))))
+    return names
+
+
+def _unpickler_detail(error: BaseException) -> str:
+    """The weights-only unpickler's own reason, without torch's advice to disable the check."""
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]*)", str(error))
+    if match:
+        return match.group(1).split(". Please use")[0].strip()
+    return type(error).__name__
+
+
+def safe_load(path: str | os.PathLike, extra_globals: Iterable[Any] = ()) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with :data:`ALLOWED_GLOBALS`.
+
+    Args:
+        path: a file written by ``torch.save``.
+        extra_globals: further classes/functions to allow for this call only (entries as for
+            ``torch.serialization.safe_globals``: the object, or ``(object, "module.name")``).
+
+    Returns:
+        The unpickled object, tensors on the CPU.
+
+    Raises:
+        UnsafeCheckpointError: the file needs a global outside the allow-list.
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}")
+    allowed = [*ALLOWED_GLOBALS, *extra_globals]
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            refused = _refused_globals(path, allowed, err)
+            log.warning("Refused unsafe checkpoint %s (globals: %s)", path, refused)
+            raise UnsafeCheckpointError(path, refused, detail=_unpickler_detail(err)) from None

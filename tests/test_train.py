@@ -1,0 +1,95 @@
+"""The framework end to end: fast_dev_run per backbone, train -> checkpoint -> laps-eval, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from laps.cli.eval import evaluate
+from laps.cli.train import train
+
+TINY_VIT = [
+    "backbone=vit", "backbone.pretrained=false", "backbone.embed_size=32", "backbone.image_size=32",
+    "+backbone.vision.config_overrides.patch_size=8", "+backbone.vision.config_overrides.hidden_size=32",
+    "+backbone.vision.config_overrides.num_hidden_layers=1", "+backbone.vision.config_overrides.num_attention_heads=2",
+    "+backbone.vision.config_overrides.intermediate_size=64", "+backbone.vision.config_overrides.image_size=32",
+]
+TINY_BERT = [
+    "+backbone.text.config_overrides.hidden_size=32", "+backbone.text.config_overrides.num_hidden_layers=1",
+    "+backbone.text.config_overrides.num_attention_heads=2", "+backbone.text.config_overrides.intermediate_size=64",
+]
+TINY_SWIN = [
+    "backbone=swin", "backbone.pretrained=false", "backbone.embed_size=32",
+    "+backbone.vision.config_overrides.embed_dim=8", "+backbone.vision.config_overrides.depths=[1,1,1,1]",
+    "+backbone.vision.config_overrides.num_heads=[1,1,1,1]",
+]
+CPU_FAST = ["trainer=cpu", "logger=csv"]
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "has_cls", "num_patches"),
+    [("tiny", ["backbone=tiny"], True, 64), ("vit", TINY_VIT + TINY_BERT, True, 16),
+     ("swin", TINY_SWIN + TINY_BERT, False, 49)],
+)
+def test_fast_dev_run(make_cfg, name: str, overrides: list[str], has_cls: bool, num_patches: int) -> None:
+    cfg = make_cfg([*overrides, *CPU_FAST, "debug=fdr"], name=name)
+    metrics = train(cfg)
+    assert "val/rsum" in metrics  # one validation batch ran and was scored
+    from hydra.utils import instantiate
+
+    model = instantiate(cfg.model.net, text={"vocab_size": 64})
+    assert model.vision.has_cls is has_cls and model.head.num_patches == num_patches
+
+
+@pytest.mark.slow
+def test_train_then_eval_round_trip(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg([*CPU_FAST, "trainer.max_epochs=2", "model.vse_mean_warmup_epochs=1"], name="train")
+    metrics = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    written = json.loads((out / "metrics.json").read_text())
+    for key in ("test/rsum", "test/i2t_R@1", "test/t2i_R@10", "test/i2t_medr", "val/rsum"):
+        assert key in written
+    assert written["test/rsum"] == pytest.approx(metrics["test/rsum"])
+    ckpt = out / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    best = next(p for p in (out / "checkpoints").glob("epoch_*.ckpt"))
+
+    eval_cfg = make_cfg(["trainer=cpu", f"ckpt_path={best}"], name="eval", config_name="eval")
+    again = evaluate(eval_cfg)
+    for key, value in written.items():
+        if key.startswith("test"):
+            assert again[key] == pytest.approx(value, abs=1e-6), key
+    assert json.loads((Path(eval_cfg.paths.output_dir) / "metrics.json").read_text())["test/rsum"] == pytest.approx(
+        written["test/rsum"]
+    )
+
+
+def _run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    code = "from laps.cli.train import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args, f"paths.root_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["backbone=nope"], "backbone"),
+        (["dataset=f30k", "dataset.root=/nonexistent/f30k"], "/nonexistent/f30k"),
+        (["ratios.sparse_ratio=1.5"], "ratios.sparse_ratio"),
+        (["ratios.aggr_ratio=0"], "ratios.aggr_ratio"),
+        (["dataset.batch_size=1"], "dataset.batch_size"),
+    ],
+)
+def test_wrong_override_is_one_clear_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    result = _run_cli(args, tmp_path)
+    assert result.returncode != 0
+    err = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert any(needle in line for line in err), result.stderr
+    assert len(err) <= 4, result.stderr
