@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 
 from laps.cli.common import register_resolvers
 from laps.paths import config_dir
@@ -44,11 +44,13 @@ def compose_train(overrides: list[str], output_dir: Path, data_dir: Path, config
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
+    with read_write(cfg), open_dict(cfg):  # the composed hydra node is read-only
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.data_dir = str(data_dir)
         cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig().set_config(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]  # as Hydra hands the config to the task: ${hydra:...} resolves from HydraConfig
     output_dir.mkdir(parents=True, exist_ok=True)
     return cfg
 

@@ -91,5 +91,4 @@ def test_wrong_override_is_one_clear_line(tmp_path: Path, args: list[str], needl
     assert result.returncode != 0
     err = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert "Traceback" not in result.stderr
-    assert any(needle in line for line in err), result.stderr
-    assert len(err) <= 4, result.stderr
+    assert needle in err[0], result.stderr  # the first line says what is wrong (Hydra then lists the options)

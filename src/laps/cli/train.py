@@ -64,9 +64,9 @@ def resolve_ckpt(ckpt_path: str | None, output_dir: str) -> str | None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns every logged metric (``val/...``, ``test/...``)."""
     validate_config(cfg)
+    datamodule = build_datamodule(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.vocab_size)
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))
