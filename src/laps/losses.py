@@ -7,6 +7,8 @@ embeddings with gradients, so that each rank scores its captions against the glo
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -82,7 +84,9 @@ def gather_with_grad(x: Tensor) -> Tensor:
         return x
     from torch.distributed.nn import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated (not removed) in favour of the functional collectives;
+        warnings.simplefilter("ignore", FutureWarning)  # same gradient semantics, tested on gloo
+        return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def gather_no_grad(x: Tensor) -> Tensor:

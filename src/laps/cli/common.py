@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,14 +20,33 @@ log = logging.getLogger("laps")
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError, KeyError)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """:data:`USER_ERRORS` plus the project's own RuntimeErrors that name their fix (no weights or
+    tokenizer offline, a refused checkpoint)."""
+    from laps.compat.serialization import UnsafeCheckpointError
+    from laps.data.tokenization import TokenizerUnavailableError
+    from laps.models.hub import BackboneUnavailableError
+
+    return (*USER_ERRORS, BackboneUnavailableError, TokenizerUnavailableError, UnsafeCheckpointError)
+
+
 def _wandb_offline() -> bool:
-    """wandb runs offline unless WANDB_MODE=online was asked for (never uploads by surprise)."""
-    return os.environ.get("WANDB_MODE", "offline").lower() != "online"
+    """wandb runs offline unless WANDB_MODE=online was asked for, with an API key and the server
+    reachable (never uploads by surprise)."""
+    from laps.training.callbacks import wandb_offline
+
+    return wandb_offline()
 
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("laps_wandb_offline"):
         OmegaConf.register_new_resolver("laps_wandb_offline", _wandb_offline)
+    if not OmegaConf.has_resolver("laps_job_label"):  # a logger run per job: names and sweep groups
+        from laps.cli.sweep import job_label, run_group, run_stamp
+
+        OmegaConf.register_new_resolver("laps_job_label", job_label)
+        OmegaConf.register_new_resolver("laps_run_group", run_group)
+        OmegaConf.register_new_resolver("laps_run_stamp", run_stamp)  # one folder for all ranks
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -36,7 +56,22 @@ def user_error(err: BaseException) -> BaseException | None:
     seen = err
     while isinstance(seen, InstantiationException) and seen.__cause__ is not None:
         seen = seen.__cause__
-    return seen if isinstance(seen, USER_ERRORS) else None
+    return seen if isinstance(seen, _user_errors()) else None
+
+
+def error_message(err: BaseException) -> str:
+    """The first line of ``err``'s message; for an error re-raised from a DataLoader worker (``Caught X in
+    DataLoader worker process N. Original Traceback ...``), the first line of the original message."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        prefix = re.compile(rf"^(?:[\w.]+\.)?{re.escape(type(err).__name__)}: ")
+        for line in lines[1:]:
+            if prefix.match(line):
+                return prefix.sub("", line, count=1).strip()
+    return lines[0]
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,8 +85,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             cause = user_error(err)
             if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            print(f"error: {msg}", file=sys.stderr)
+            print(f"error: {error_message(cause)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -12,7 +12,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from laps.cli.common import metrics_table, one_line_errors, register_resolvers, validate_config, write_metrics
+from laps.cli.sweep import hydra_job
+from laps.models.hub import check_pretrained_available
 from laps.paths import config_dir
+from laps.training.callbacks import finish_loggers
 
 log = logging.getLogger("laps")
 
@@ -48,6 +51,24 @@ def build_module(cfg: DictConfig, vocab_size: int) -> L.LightningModule:
     return module
 
 
+def fit_caption_length(datamodule: Any, module: L.LightningModule) -> None:
+    """Cut captions to the text encoder's positions ([CLS] and [SEP] included) when dataset.max_words
+    asks for more; the truncations are counted and logged every epoch."""
+    positions = int(getattr(module.net.text, "max_length", 0) or 0)
+    max_words = getattr(datamodule, "max_words", None)
+    if positions <= 2 or max_words is None or int(max_words) <= positions - 2:
+        return
+    log.warning(
+        "dataset.max_words=%d word pieces plus [CLS]/[SEP] exceed the text encoder's %d positions: "
+        "captions are truncated to %d word pieces", max_words, positions, positions - 2,
+    )
+    datamodule.max_words = positions - 2
+    datamodule.tokenizer.max_words = positions - 2
+    snapshot = getattr(module, "config_snapshot", None) or {}
+    if isinstance(snapshot.get("dataset"), dict):
+        snapshot["dataset"]["max_words"] = positions - 2  # laps-eval then tokenizes the same way
+
+
 def resolve_ckpt(ckpt_path: str | None, output_dir: str) -> str | None:
     """``last`` -> the run directory's ``checkpoints/last.ckpt``; paths are checked as safe to load."""
     if not ckpt_path:
@@ -64,10 +85,12 @@ def resolve_ckpt(ckpt_path: str | None, output_dir: str) -> str | None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns every logged metric (``val/...``, ``test/...``)."""
     validate_config(cfg)
+    check_pretrained_available(cfg.get("backbone"))  # offline: fail before reading any data
     datamodule = build_datamodule(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, datamodule.vocab_size)
+    fit_caption_length(datamodule, module)
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -75,7 +98,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir),
+                    weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     if cfg.get("test", True) and not trainer.fast_dev_run:
@@ -90,13 +114,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics_table(test, f"{datamodule.name} {datamodule.splits['test']} ({datamodule.protocol} protocol)")
     if trainer.is_global_zero:
         write_metrics(metrics, cfg.paths.output_dir)
+    finish_loggers(loggers, metrics)  # wandb: the final metrics table, then the job's run is finished
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 @one_line_errors
 def _main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    with hydra_job():  # multirun x DDP: children run this job only, in its folder; clean state after it
+        metrics = train(cfg)
+    if cfg.get("optimized_metric"):  # hparams_search: what the sweeper optimizes (never the test split)
+        return metrics.get(cfg.optimized_metric)
     return metrics.get("test/rsum", metrics.get("val/rsum"))
 
 
