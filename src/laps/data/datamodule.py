@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
@@ -29,6 +31,12 @@ class LAPSDataModule(LightningDataModule):
         batch_size: training batch per device; eval_batch_size: evaluation batch per device.
         on_bad_image: ``error`` or ``skip`` for missing/unreadable images.
         synthetic: generator parameters; when given, the dataset is generated into ``root`` if missing.
+        seed: seed of the training order (default: the seed of ``seed_everything``, ``PL_GLOBAL_SEED``).
+
+    The training loader is a :class:`torchdata.stateful_dataloader.StatefulDataLoader`: Lightning stores
+    its position in every checkpoint and a resumed run continues the interrupted epoch with the same
+    batches. Its order is :class:`laps.training.checkpointing.SeededShuffleSampler` (a function of
+    ``seed`` and the epoch only, this rank's share of it on several processes).
     """
 
     def __init__(
@@ -51,6 +59,7 @@ class LAPSDataModule(LightningDataModule):
         pin_memory: bool = True,
         on_bad_image: str = "error",
         synthetic: dict[str, Any] | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if on_bad_image not in ("error", "skip"):
@@ -73,6 +82,7 @@ class LAPSDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.on_bad_image = on_bad_image
         self.synthetic = dict(synthetic) if synthetic else None
+        self.seed = seed
         self._tokenizer = None
         self._sets: dict[str, Any] = {}
 
@@ -136,7 +146,33 @@ class LAPSDataModule(LightningDataModule):
             raise ValueError(
                 f"the {self.splits['train']} split has {len(ds)} captions, fewer than dataset.batch_size={self.batch_size}"
             )
-        return self._loader(ds, self.batch_size, ds.collate, shuffle=True, drop_last=True)
+        import warnings
+
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch 2.9+
+
+        from laps.training.checkpointing import SeededShuffleSampler
+
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # Lightning's DistributedSampler order (seed + epoch, this rank's share), resumable mid-epoch; as a
+        # DistributedSampler it is kept as it is on several processes. Each item comes with its own seed for
+        # its augmentation (any number of workers); nothing here draws from the global generators, so a
+        # resumed run continues their stream (dropout) exactly.
+        sampler = SeededShuffleSampler(ds, num_replicas=world, rank=rank, seed=seed, item_seeds=True)
+        return StatefulDataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=ds.collate,
+            generator=torch.Generator().manual_seed(seed),  # worker seeds, not the global generator
+        )
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
         from laps.data.datasets import CaptionDataset, ImageDataset

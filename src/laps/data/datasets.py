@@ -471,7 +471,12 @@ class PairDataset(Dataset, _ImageLoading):
     def __len__(self) -> int:
         return self.data.num_captions
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Item of caption line ``key``, or of ``key = (line, seed)`` (what
+        :class:`laps.training.checkpointing.SeededShuffleSampler` yields): the random crop, flip and caption
+        augmentation of the item then come from ``seed`` alone, the same in any process or worker and after
+        a restart, and the global generators are left untouched."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         img_id = self.data.index.caption_image[index]
         image = self._load(img_id, index)
         if image is None:
@@ -479,9 +484,19 @@ class PairDataset(Dataset, _ImageLoading):
                 "image": None, "input_ids": [], "img_id": img_id, "index": index,
                 "bad_file": str(self.data.image_paths[img_id]),
             }
-        rng = _item_rng() if self.augment else None
-        input_ids = self.tokenizer(self.data.captions[index], augment=self.augment, rng=rng)
-        return {"image": self.transform(image), "input_ids": input_ids, "img_id": img_id, "index": index}
+        truncated_before = self.tokenizer.num_truncated
+        if seed is None:
+            rng = _item_rng() if self.augment else None
+            input_ids = self.tokenizer(self.data.captions[index], augment=self.augment, rng=rng)
+            pixels = self.transform(image)
+        else:
+            rng = random.Random(seed) if self.augment else None
+            input_ids = self.tokenizer(self.data.captions[index], augment=self.augment, rng=rng)
+            with torch.random.fork_rng(devices=[]):  # CPU generator only, restored on exit
+                torch.random.default_generator.manual_seed(seed)
+                pixels = self.transform(image)
+        truncated = self.tokenizer.num_truncated > truncated_before  # counted per batch, across workers
+        return {"image": pixels, "input_ids": input_ids, "img_id": img_id, "index": index, "truncated": truncated}
 
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """:func:`collate_pairs` with this tokenizer's pad id."""
@@ -567,8 +582,8 @@ def collate_pairs(
     Returns:
         ``images (B,3,H,W)``, ``input_ids (B,L)`` padded with ``pad_id``, ``lengths (B,)``, ``img_ids (B,)``
         (image index in the split), ``indices (B,)`` (caption line), all long but images; ``skipped``:
-        list of the bad image files dropped. ``B`` may be 0 when all were skipped (images then
-        ``(0,3,S,S)`` with ``S = image_size or 0``).
+        list of the bad image files dropped; ``truncated``: how many kept captions were cut to ``max_words``.
+        ``B`` may be 0 when all were skipped (images then ``(0,3,S,S)`` with ``S = image_size or 0``).
     """
     kept = [it for it in items if it["image"] is not None]
     skipped = [it["bad_file"] for it in items if it["image"] is None]
@@ -585,6 +600,7 @@ def collate_pairs(
         "img_ids": torch.tensor([it["img_id"] for it in kept], dtype=torch.long),
         "indices": torch.tensor([it["index"] for it in kept], dtype=torch.long),
         "skipped": skipped,
+        "truncated": sum(bool(it.get("truncated", False)) for it in kept),
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,13 @@ from laps.losses import (
     ratio_loss,
 )
 from laps.models import LAPSModel
+from laps.training.checkpointing import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
+
+# Validation/test metrics come from the whole gathered split, identical on every rank: logging them
+# without sync_dist is right, so Lightning's advice to sync them under DDP is only noise.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)[^']*', \.\.\., sync_dist=True\)`")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,7 +77,8 @@ class LAPSLitModule(LightningModule):
         self.config_snapshot: dict[str, Any] | None = None
         self.output_dir: Path | None = None
         self.test_metrics: dict[str, float] = {}
-        self.skipped_images: set[str] = set()
+        self.skipped_images: set[str] = set()  # this epoch's, this process's
+        self.truncated_captions = 0  # this epoch's training captions cut to dataset.max_words
         self._eval: dict[str, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ training
@@ -95,6 +102,7 @@ class LAPSLitModule(LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         if batch.get("skipped"):
             self.skipped_images.update(batch["skipped"])
+        self.truncated_captions += int(batch.get("truncated", 0))
         img = self.net.encode_image(batch["images"])
         cap = self.net.encode_text(batch["input_ids"], batch["lengths"])
         img, cap, lens, ids = self.gather_batch(img, cap, batch["lengths"], batch["img_ids"])
@@ -111,11 +119,20 @@ class LAPSLitModule(LightningModule):
         self.log("train/max_violation", float(self.max_violation()), batch_size=bs)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        self.skipped_images = set()
+        self.truncated_captions = 0
+
     def on_train_epoch_end(self) -> None:
         if self.skipped_images:
             log.warning("epoch %d: %d unreadable or missing images skipped (dataset.on_bad_image=skip)",
                         self.current_epoch, len(self.skipped_images))
+        if self.truncated_captions:
+            max_words = getattr(getattr(self.trainer, "datamodule", None), "max_words", "?")
+            log.warning("epoch %d: %d training captions truncated to dataset.max_words=%s word pieces",
+                        self.current_epoch, self.truncated_captions, max_words)
         self.log("train/skipped_images", float(len(self.skipped_images)))
+        self.log("train/truncated_captions", float(self.truncated_captions), sync_dist=True, reduce_fx="sum")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are already averaged across ranks here, so every rank takes the same decision.
@@ -157,11 +174,16 @@ class LAPSLitModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["laps_config"] = self.config_snapshot
         checkpoint["laps_state"] = {"nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self._nonfinite_in_a_row}
+        checkpoint["laps_rng"] = capture_rng_state()  # tensors and ints only: loads under weights_only
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("laps_state") or {}
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self._nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        # Resuming a fit continues the global random streams (dropout) where the checkpoint left them;
+        # testing a checkpoint does not touch them. (Training items carry their own augmentation seeds.)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            restore_rng_state(checkpoint.get("laps_rng"))
 
     # ------------------------------------------------------------------ evaluation
     def _reset_eval(self) -> None:

@@ -1,0 +1,329 @@
+"""Checkpoints that survive interruptions and hostile files.
+
+* :class:`AtomicCheckpointIO` -- the Trainer's ``CheckpointIO`` (``trainer.plugins`` in the trainer
+  config): every checkpoint is written to a temporary file beside its target, flushed to disk and
+  renamed over the target with :func:`os.replace`, so a run killed at any moment leaves either the
+  previous complete file or the new complete file, never a truncated one. Every checkpoint Lightning
+  reads (``ckpt_path=...`` on resume, the best checkpoint before testing) goes through
+  :func:`laps.compat.serialization.safe_load`: ``weights_only=True`` and the project's allow-list.
+* :class:`LastCheckpoint` -- writes ``last.ckpt`` every ``every_n_train_steps`` optimizer steps and at
+  the end of every training epoch (after validation, so it also holds the best-checkpoint state).
+* :func:`capture_rng_state` / :func:`restore_rng_state` -- the global random generators (torch CPU and
+  CUDA, Python ``random``, NumPy) as plain tensors and ints, so that they load under ``weights_only``;
+  :class:`laps.training.module.LAPSLitModule` stores them in every checkpoint and restores them when a
+  fit resumes.
+* :class:`SeededShuffleSampler` -- the training order: a permutation drawn from ``(seed, epoch)`` alone
+  (``DistributedSampler``'s) and a seed per item for its augmentation, with an iterator whose state
+  (epoch, position) a ``StatefulDataLoader`` saves, so a restart deals the rest of the interrupted
+  epoch exactly, with the same augmentation, whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import Checkpoint
+from torch.utils.data import DistributedSampler
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "LastCheckpoint",
+    "SeededShuffleSampler",
+    "atomic_torch_save",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+_TMP_SUFFIX = ".tmp"
+
+
+# ---------------------------------------------------------------------------------------------- atomic files
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_torch_save` of ``path`` left behind; returns them."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for tmp in path.parent.glob(f"{_tmp_prefix(path)}*{_TMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d unfinished temporary file(s) of %s (an interrupted save)", len(removed), path)
+    return removed
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial ``path``.
+
+    The object is written to ``.{name}.XXXX.tmp`` in the same folder, flushed and fsync-ed, then renamed
+    over ``path`` (:func:`os.replace`, atomic on POSIX and Windows within one file system). Readers see the
+    old file until the rename and the complete new file after it. Temporaries of ``path`` left by an
+    earlier, killed save are removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO``: atomic writes (:func:`atomic_torch_save`), allow-listed reads.
+
+    Set it on the Trainer with ``plugins: [{_target_: laps.training.checkpointing.AtomicCheckpointIO}]``
+    (``configs/trainer/default.yaml``). Remote paths (``s3://`` and other fsspec URLs) are written by
+    Lightning's own writer, which is not atomic.
+
+    Loading always uses :func:`laps.compat.serialization.safe_load` (``weights_only=True`` with
+    :data:`laps.compat.serialization.ALLOWED_GLOBALS`), whatever ``weights_only`` Lightning passes: a
+    file that needs any other global is refused with
+    :class:`laps.compat.serialization.UnsafeCheckpointError` naming it, and nothing in it runs.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+        if not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        from laps.compat.serialization import safe_load
+
+        if weights_only is False:
+            log.warning("weights_only=False ignored: %s is loaded with the allow-list (weights_only=True)", path)
+        if not _is_local_file_protocol(path):
+            raise ValueError(f"{path}: only local checkpoint files are loaded (copy it to a local disk first)")
+        return safe_load(path)
+
+
+# ---------------------------------------------------------------------------------------------- last.ckpt
+class LastCheckpoint(Checkpoint):
+    """Keep ``dirpath/filename`` (``last.ckpt``) current, for ``laps-train ... ckpt_path=last``.
+
+    Written every ``every_n_train_steps`` optimizer steps (``null``/0: never mid-epoch) and at the end of
+    every training epoch, after validation and after the best-checkpoint callback (checkpoint callbacks
+    run last, in their configuration order). Writes go through the Trainer's ``CheckpointIO``
+    (:class:`AtomicCheckpointIO`). The checkpoint holds what Lightning saves (weights, optimizer and
+    scheduler states, loop progress, the training DataLoader's position, callback states) plus the
+    module's own state (random generators, non-finite step counters).
+
+    Args:
+        dirpath: checkpoint folder (``${paths.output_dir}/checkpoints``).
+        filename: file name in ``dirpath``.
+        every_n_train_steps: save every this many optimizer steps.
+        every_epoch: also save at the end of every training epoch.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike,
+        filename: str = "last.ckpt",
+        every_n_train_steps: int | None = None,
+        every_epoch: bool = True,
+    ) -> None:
+        super().__init__()
+        n = int(every_n_train_steps or 0)
+        if n < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0 (0 or null: only at epoch ends), got {n}")
+        self.dirpath = Path(dirpath)
+        self.filename = str(filename)
+        self.every_n_train_steps = n
+        self.every_epoch = bool(every_epoch)
+        self._last_step_saved: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / self.filename
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(filename=self.filename, every_n_train_steps=self.every_n_train_steps)
+
+    def _skip(self, trainer: Any) -> bool:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+
+    def save(self, trainer: Any) -> None:
+        trainer.save_checkpoint(str(self.path), weights_only=False)  # everything needed to resume
+        self._last_step_saved = trainer.global_step
+        log.debug("saved %s at step %d", self.path, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = self.every_n_train_steps
+        step = trainer.global_step
+        if n and step > 0 and step % n == 0 and step != self._last_step_saved and not self._skip(trainer):
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.every_epoch and not self._skip(trainer):
+            self.save(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dirpath": str(self.dirpath), "filename": self.filename}
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+def capture_rng_state() -> dict[str, Any]:
+    """The global random generators, as tensors, ints and lists only (loadable with ``weights_only=True``).
+
+    Keys: ``torch`` (CPU generator state), ``cuda`` (one state per device, when CUDA is initialised),
+    ``python`` (``random.getstate()`` as a list), ``numpy`` (``numpy.random.get_state()`` with the key
+    array as a tensor).
+    """
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    version, internal, gauss = random.getstate()
+    state["python"] = [int(version), list(internal), gauss]
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [str(name), torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    except ImportError:  # pragma: no cover - numpy is a dependency of torch's ecosystem here
+        pass
+    return state
+
+
+def restore_rng_state(state: dict[str, Any] | None) -> None:
+    """Set the global random generators from :func:`capture_rng_state` output (missing keys are skipped)."""
+    if not state:
+        return
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = [s.cpu() for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning("checkpoint holds %d CUDA RNG states for %d devices: CUDA RNG not restored",
+                        len(cuda), torch.cuda.device_count())
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+class SeededShuffleSampler(DistributedSampler):
+    """The training order: a permutation drawn from ``seed + epoch`` alone, this rank's share of it, and
+    a seed for each item.
+
+    The order is exactly :class:`torch.utils.data.DistributedSampler`'s with ``shuffle=True`` (what
+    Lightning itself would set on several processes: same seed, padding and rank stride; on one process,
+    the whole permutation). With ``item_seeds=True`` it yields ``(index, item_seed)`` pairs, the item seeds
+    drawn from ``seed + epoch`` too (one per dataset index): :class:`laps.data.datasets.PairDataset` draws an
+    item's augmentation from its seed alone, so it is the same in the main process and in DataLoader
+    workers, before and after a restart.
+
+    Its iterator is resumable: the state is the epoch and the number of items handed out, so a
+    :class:`torchdata.stateful_dataloader.StatefulDataLoader` restored from a checkpoint continues the
+    interrupted epoch where it stopped. (Lightning re-creates the training iterator when it resumes
+    *before* it calls ``set_epoch``; without the epoch in the state the resumed epoch would be dealt in
+    epoch 0's order.) It draws nothing from the global random generators.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 drop_last: bool = False, item_seeds: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed),
+                         drop_last=drop_last)
+        self.item_seeds = bool(item_seeds)
+
+    def __iter__(self) -> Iterator[Any]:
+        return _EpochOrder(self)
+
+    def _indices(self, epoch: int) -> list[Any]:
+        self.set_epoch(epoch)
+        order = list(super().__iter__())
+        if not self.item_seeds:
+            return order
+        g = torch.Generator()
+        g.manual_seed((self.seed + epoch) ^ _ITEM_SEED_SALT)
+        seeds = torch.randint(0, 2**62, (len(self.dataset),), generator=g).tolist()  # type: ignore[arg-type]
+        return [(i, seeds[i]) for i in order]
+
+
+_ITEM_SEED_SALT = 0x5EED_1AB5
+
+
+class _EpochOrder(Iterator[Any]):
+    """One epoch of a :class:`SeededShuffleSampler`; ``state_dict`` = ``{"epoch", "yielded"}``."""
+
+    def __init__(self, sampler: SeededShuffleSampler) -> None:
+        self.sampler = sampler
+        self.epoch = int(sampler.epoch)
+        self.indices = sampler._indices(self.epoch)
+        self.yielded = 0
+
+    def __iter__(self) -> _EpochOrder:
+        return self
+
+    def __next__(self) -> Any:
+        if self.yielded >= len(self.indices):
+            raise StopIteration
+        self.yielded += 1
+        return self.indices[self.yielded - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.indices = self.sampler._indices(self.epoch)
+        self.yielded = int(state["yielded"])
