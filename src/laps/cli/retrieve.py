@@ -1,0 +1,532 @@
+"""``laps-retrieve``: index a folder of images with a LAPS checkpoint, then search it with text.
+
+``index`` encodes every image under a folder (recursively; ``.jpg``, ``.jpeg``, ``.png``) with the
+checkpoint's vision encoder and writes the image tokens, a pooled vector per image and the image
+paths into one file (loaded with :func:`laps.compat.serialization.safe_load`). Partial results are
+written every ``--save-every`` batches (atomically), so an interrupted run restarted with the same
+arguments encodes only the images not in the file yet; new images added to the folder are
+appended the same way. ``--fp16`` halves the file.
+
+``search`` scores queries against the index:
+
+* by default with the full LAPS head against every image (in blocks of ``--block`` images);
+* with ``--rerank K``, in two stages: every image is first ranked by the cosine similarity of
+  mean-pooled embeddings (the mean of the image tokens, normalised, against the mean of the
+  query's valid word tokens, normalised), then only the top ``K`` are re-scored with the LAPS head.
+  ``--prerank cls`` ranks by the image's [CLS] token instead of its mean token (models with a
+  [CLS] token), a better first stage for models whose mean-pooled vectors are not aligned with text
+  (see ``docs/tools.md``).
+
+It prints, per query, a table of the top ``--top-k`` images with their scores, then the time per
+query of each stage and the number of pairs each stage scored. Example::
+
+    laps-retrieve index --ckpt run/checkpoints/last.ckpt --images photos/ --out photos.pt --fp16
+    laps-retrieve search --ckpt run/checkpoints/last.ckpt --index photos.pt "a dog on a beach" --rerank 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger("laps")
+
+INDEX_FORMAT = "laps-retrieve-index"
+INDEX_VERSION = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+# ---------------------------------------------------------------------------------------------- index
+def list_images(root: str | Path) -> list[str]:
+    """Image files under ``root`` (recursively, suffix case ignored), as sorted POSIX paths relative to it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {root}: no such folder")
+    found = [
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    ]
+    return sorted(found)
+
+
+def pooled_image(tokens: Tensor) -> Tensor:
+    """``(B, L_v, C)`` image tokens -> ``(B, C)``: the mean over all tokens, L2-normalised."""
+    return F.normalize(tokens.float().mean(dim=1), dim=-1)
+
+
+def pooled_text(words: Tensor, lens: Tensor) -> Tensor:
+    """``(B, L_t, C)`` word tokens and lengths -> ``(B, C)``: the mean of the valid words, L2-normalised."""
+    valid = torch.arange(words.shape[1], device=words.device)[None, :] < lens.to(words.device)[:, None]
+    mean = (words.float() * valid[..., None]).sum(1) / lens.to(words.device)[:, None].float()
+    return F.normalize(mean, dim=-1)
+
+
+def load_index(path: str | Path) -> dict[str, Any]:
+    """Read an index written by :func:`build_index` (with ``safe_load``) and check its format."""
+    from laps.compat.serialization import safe_load
+
+    data = safe_load(path)
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path} is not a laps-retrieve index (write one with `laps-retrieve index`)")
+    if int(data.get("version", 0)) > INDEX_VERSION:
+        raise ValueError(f"{path}: index version {data['version']} is newer than this laps ({INDEX_VERSION})")
+    return data
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decoded and transformed images; a bad file gives ``None`` (reported and skipped)."""
+
+    def __init__(self, root: Path, rel_paths: list[str], transform) -> None:
+        self.root, self.rel_paths, self.transform = root, rel_paths, transform
+
+    def __len__(self) -> int:
+        return len(self.rel_paths)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str]:
+        from laps.data.datasets import BadImageError, open_image
+
+        try:
+            return i, self.transform(open_image(self.root / self.rel_paths[i])), ""
+        except BadImageError as err:
+            return i, None, err.reason
+
+
+def _collate(items):
+    return items
+
+
+@dataclass
+class IndexReport:
+    """What :func:`build_index` did."""
+
+    out: str
+    total: int
+    encoded: int
+    reused: int
+    failed: list[str] = field(default_factory=list)
+    removed: int = 0
+    seconds: float = 0.0
+
+
+def build_index(
+    ckpt: str | Path,
+    images: str | Path,
+    out: str | Path,
+    batch_size: int = 32,
+    device: str = "auto",
+    fp16: bool = False,
+    save_every: int = 20,
+    workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    engine: Any = None,
+) -> IndexReport:
+    """Encode the images under ``images`` into ``out``, resuming from a partial ``out`` when there is one.
+
+    Args:
+        ckpt: the laps checkpoint (its vision encoder makes the embeddings).
+        images: folder scanned recursively for ``.jpg``/``.jpeg``/``.png``.
+        out: the index file; when it exists (partial or complete, made with the same model, the same
+            folder and dtype) its images are kept and only the others encoded.
+        batch_size: images per forward pass. save_every: batches between partial writes.
+        fp16: store the image tokens as float16 (the pooled vectors stay float32).
+        workers: DataLoader processes decoding images. overwrite: ignore an existing ``out``.
+        engine: an already loaded :class:`laps.inference.InferenceModel` (else loaded from ``ckpt``).
+    """
+    from tqdm.auto import tqdm
+
+    from laps.inference import load_for_inference
+
+    if batch_size < 1 or save_every < 1:
+        raise ValueError("--batch-size and --save-every must be positive")
+    start = time.perf_counter()
+    root = Path(images).resolve()
+    out = Path(out)
+    listing = list_images(root)
+    if not listing:
+        raise FileNotFoundError(f"--images {root}: no .jpg/.jpeg/.png files found")
+    engine = engine or load_for_inference(ckpt, device=device)
+    fingerprint = engine.fingerprint()
+    dtype = torch.float16 if fp16 else torch.float32
+
+    paths: list[str] = []
+    failed: list[str] = []
+    emb_chunks: list[Tensor] = []
+    pool_chunks: list[Tensor] = []
+    removed = 0
+    if out.exists() and not overwrite:
+        old = load_index(out)
+        problems = []
+        if old.get("fingerprint") != fingerprint:
+            problems.append("another model")
+        if old.get("root") != str(root):
+            problems.append(f"another folder ({old.get('root')})")
+        if old.get("dtype") != str(dtype).removeprefix("torch."):
+            problems.append(f"dtype {old.get('dtype')}")
+        if problems:
+            raise ValueError(f"{out} was made with {', '.join(problems)}: pass --overwrite or another --out")
+        present = set(listing)
+        keep = [i for i, p in enumerate(old["paths"]) if p in present]
+        removed = len(old["paths"]) - len(keep)
+        if keep:
+            idx = torch.tensor(keep, dtype=torch.long)
+            emb_chunks.append(old["embeddings"].index_select(0, idx))
+            pool_chunks.append(old["pooled"].index_select(0, idx))
+            paths = [old["paths"][i] for i in keep]
+        failed = [p for p in old.get("failed", []) if p in present]
+        if removed:
+            log.info("%d indexed images are no longer under %s: dropped", removed, root)
+    done = set(paths) | set(failed)
+    todo = [p for p in listing if p not in done]
+    reused = len(paths)
+    log.info("%s: %d images, %d already indexed, %d to encode", root, len(listing), reused, len(todo))
+
+    def snapshot(complete: bool) -> dict[str, Any]:
+        emb = torch.cat(emb_chunks) if emb_chunks else torch.empty(0, 0, 0, dtype=dtype)
+        pooled = torch.cat(pool_chunks) if pool_chunks else torch.empty(0, 0)
+        if len(emb_chunks) > 1:  # keep one tensor, so the next snapshot does not re-concatenate
+            emb_chunks[:] = [emb]
+            pool_chunks[:] = [pooled]
+        return {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "root": str(root),
+            "paths": list(paths),
+            "failed": list(failed),
+            "embeddings": emb,
+            "pooled": pooled,
+            "dtype": str(dtype).removeprefix("torch."),
+            "fingerprint": fingerprint,
+            "checkpoint": str(Path(ckpt).resolve()) if ckpt else "",
+            "num_patches": int(engine.head.num_patches),
+            "has_cls": bool(engine.head.has_cls),
+            "embed_size": int(engine.model.embed_size),
+            "complete": complete,
+        }
+
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(root, todo, engine.transform), batch_size=batch_size, shuffle=False,
+        num_workers=workers, collate_fn=_collate,
+    )
+    bar = tqdm(total=len(todo), desc="Encoding images", unit="img", disable=not progress)
+    encoded = 0
+    try:
+        for n_batch, items in enumerate(loader, 1):
+            good = [(i, x) for i, x, _ in items if x is not None]
+            for i, x, reason in items:
+                if x is None:
+                    log.warning("skipping %s: %s", root / todo[i], reason)
+                    failed.append(todo[i])
+            if good:
+                tokens = engine.encode_images(torch.stack([x for _, x in good]))
+                emb_chunks.append(tokens.to(dtype).cpu())
+                pool_chunks.append(pooled_image(tokens).cpu())
+                paths.extend(todo[i] for i, _ in good)
+                encoded += len(good)
+            bar.update(len(items))
+            if n_batch % save_every == 0:
+                _save_atomic(snapshot(complete=False), out)
+    finally:
+        bar.close()
+    _save_atomic(snapshot(complete=True), out)
+    seconds = time.perf_counter() - start
+    log.debug("wrote %s: %d images (%d encoded now, %d failed) in %.1f s", out, len(paths), encoded, len(failed), seconds)
+    return IndexReport(str(out), len(paths), encoded, reused, failed, removed, seconds)
+
+
+# ---------------------------------------------------------------------------------------------- search
+@dataclass
+class QueryResult:
+    """One query's ranking: ``indices`` into the index, LAPS ``scores`` (and stage-1 ``cosine``)."""
+
+    query: str
+    indices: list[int]
+    paths: list[str]
+    scores: list[float]
+    cosine: list[float] | None = None
+
+
+@dataclass
+class SearchStats:
+    """Pairs scored and seconds per query of each stage (``stage1`` only with reranking)."""
+
+    mode: str
+    queries: int
+    images: int
+    laps_pairs: int
+    cosine_pairs: int
+    text_seconds_per_query: float
+    stage1_seconds_per_query: float
+    stage2_seconds_per_query: float
+    rerank: int | None = None
+    prerank: str | None = None
+
+
+PRERANK = ("mean", "cls")
+
+
+def prerank_vectors(index: dict[str, Any], prerank: str = "mean") -> Tensor:
+    """``(N, C)`` normalised image vectors of the first stage: the stored mean of the tokens (``mean``)
+    or the [CLS] token (``cls``)."""
+    if prerank == "mean":
+        return index["pooled"].float()
+    if prerank == "cls":
+        if not index.get("has_cls", False):
+            raise ValueError("--prerank cls: the index's vision encoder has no [CLS] token; use --prerank mean")
+        return F.normalize(index["embeddings"][:, 0].float(), dim=-1)
+    raise ValueError(f"--prerank must be one of {PRERANK}, got {prerank!r}")
+
+
+RERANK_UNION = 1024  # candidate images whose head inputs are prepared at once when re-ranking
+
+
+def _prepare_images(head: Any, emb: Tensor, rows: Tensor, block: int, device: torch.device) -> dict[str, Tensor]:
+    """``head.prepare_images`` of the images ``rows`` of ``emb``, ``block`` at a time, concatenated."""
+    parts = [
+        head.prepare_images(emb.index_select(0, rows[s : s + block]).to(device).float())
+        for s in range(0, rows.numel(), block)
+    ]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def search(
+    engine: Any,
+    index: dict[str, Any],
+    queries: list[str],
+    top_k: int = 10,
+    rerank: int | None = None,
+    block: int = 128,
+    check_model: bool = True,
+    prerank: str = "mean",
+) -> tuple[list[QueryResult], SearchStats]:
+    """Rank the index's images for every query.
+
+    Without ``rerank``: LAPS scores of every (image, query) pair, ``block`` images at a time. With
+    ``rerank=K``: cosine similarity of the pooled embeddings for every pair (``prerank``: the image's
+    mean token, or its [CLS] token, against the mean of the query's words), then LAPS scores of each
+    query's top ``K`` only. Returns the top ``top_k`` of each query and the stage statistics.
+    """
+    from laps.evaluation import score_matrix
+
+    if not queries:
+        raise ValueError("give at least one query")
+    if top_k < 1 or block < 1 or (rerank is not None and rerank < 1):
+        raise ValueError("--top-k, --rerank and --block must be positive")
+    if check_model and index.get("fingerprint") != engine.fingerprint():
+        raise ValueError(
+            "the index was made with another vision encoder than this checkpoint's: "
+            "index the images again with this --ckpt"
+        )
+    head, device = engine.head, engine.device
+    emb: Tensor = index["embeddings"]
+    n_img = emb.shape[0]
+    if n_img == 0:
+        raise ValueError("the index holds no images")
+    paths = index["paths"]
+    n_q = len(queries)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    cap, lens = engine.encode_captions(list(queries))
+    _sync(device)
+    t_text = time.perf_counter() - t0
+
+    def laps_scores(img: Tensor, q: slice) -> Tensor:  # (n, len(q)) on the CPU
+        out = []
+        for s in range(0, img.shape[0], block * 8):  # bounds the fp32 copy of fp16 embeddings
+            chunk = img[s : s + block * 8].float()
+            out.append(score_matrix(head, chunk, cap[q], lens[q], image_block=block, progress=False, device=device))
+        return torch.cat(out)
+
+    results: list[QueryResult] = []
+    if rerank is None:
+        t0 = time.perf_counter()
+        sims = laps_scores(emb, slice(0, n_q))  # (n_img, n_q)
+        _sync(device)
+        t_stage2 = time.perf_counter() - t0
+        k = min(top_k, n_img)
+        top = sims.topk(k, dim=0)
+        for j, qtext in enumerate(queries):
+            idx = top.indices[:, j].tolist()
+            results.append(QueryResult(qtext, idx, [paths[i] for i in idx], top.values[:, j].tolist()))
+        stats = SearchStats("full", n_q, n_img, n_img * n_q, 0, t_text / n_q, 0.0, t_stage2 / n_q)
+        return results, stats
+
+    k_re = min(int(rerank), n_img)
+    t0 = time.perf_counter()
+    pooled = prerank_vectors(index, prerank).to(device)
+    cos = pooled_text(cap, lens) @ pooled.t()  # (n_q, n_img)
+    cand = cos.topk(k_re, dim=1)
+    _sync(device)
+    t_stage1 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # The image-only work of the head (prepare_images) is done once per candidate image of a group of
+    # queries, not once per (query, candidate); each query then scores its own K candidates.
+    caption = head.prepare_captions(cap, lens)
+    group = max(1, RERANK_UNION // k_re)
+    cand_idx, cand_val = cand.indices.cpu(), cand.values.cpu()
+    for g in range(0, n_q, group):
+        union, inverse = torch.unique(cand_idx[g : g + group], return_inverse=True)
+        prepared = _prepare_images(head, emb, union, block, device)
+        for j in range(g, min(g + group, n_q)):
+            rows = inverse[j - g].to(device)
+            image = {k: v.index_select(0, rows) for k, v in prepared.items()}
+            one = {k: v[j : j + 1] for k, v in caption.items()}
+            sims = head.score_prepared(image, one)[0][:, 0].float().cpu()
+            top = sims.topk(min(top_k, k_re))
+            chosen = cand_idx[j][top.indices]
+            results.append(QueryResult(
+                queries[j], chosen.tolist(), [paths[i] for i in chosen.tolist()], top.values.tolist(),
+                cand_val[j][top.indices].tolist(),
+            ))
+    _sync(device)
+    t_stage2 = time.perf_counter() - t0
+    stats = SearchStats("rerank", n_q, n_img, k_re * n_q, n_img * n_q, t_text / n_q, t_stage1 / n_q,
+                        t_stage2 / n_q, rerank=k_re, prerank=prerank)
+    return results, stats
+
+
+def print_results(results: list[QueryResult], stats: SearchStats, root: str = "") -> None:
+    """Rich tables: the ranking of each query, then the stage timings and pair counts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for r in results:
+        table = Table(title=f"{r.query!r}", title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("LAPS score", justify="right")
+        if r.cosine is not None:
+            table.add_column("cosine", justify="right")
+        table.add_column("image")
+        for rank, (score, path) in enumerate(zip(r.scores, r.paths), 1):
+            row = [str(rank), f"{score:.4f}"]
+            if r.cosine is not None:
+                row.append(f"{r.cosine[rank - 1]:.4f}")
+            table.add_row(*row, str(Path(root) / path) if root else path)
+        console.print(table)
+    t = Table(title=f"{stats.queries} queries, {stats.images} images ({stats.mode})", title_justify="left")
+    t.add_column("stage")
+    t.add_column("pairs scored", justify="right")
+    t.add_column("ms / query", justify="right")
+    t.add_row("text encoding", str(stats.queries), f"{1e3 * stats.text_seconds_per_query:.1f}")
+    if stats.mode == "rerank":
+        t.add_row(f"1: cosine of pooled embeddings ({stats.prerank})", str(stats.cosine_pairs),
+                  f"{1e3 * stats.stage1_seconds_per_query:.2f}")
+        t.add_row(f"2: LAPS head on the top {stats.rerank}", str(stats.laps_pairs),
+                  f"{1e3 * stats.stage2_seconds_per_query:.1f}")
+    else:
+        t.add_row("LAPS head on every image", str(stats.laps_pairs), f"{1e3 * stats.stage2_seconds_per_query:.1f}")
+    console.print(t)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="laps-retrieve",
+        description="Index a folder of images with a LAPS checkpoint, then search it with text.",
+        epilog=textwrap.dedent(__doc__.split("Example::", 1)[1]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{index,search}")
+
+    p = sub.add_parser("index", help="encode a folder of images into an embedding file (resumable)",
+                       description="Encode every .jpg/.jpeg/.png under --images (recursively) into --out. "
+                       "Rerun the same command after an interruption: images already in --out are skipped.")
+    p.add_argument("--ckpt", required=True, help="laps checkpoint (laps-train or laps-import-official)")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="embedding file to write (e.g. images.pt)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--fp16", action="store_true", help="store the image tokens as float16 (half the size)")
+    p.add_argument("--save-every", type=int, default=20,
+                   help="batches between partial writes of --out (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out exists")
+
+    s = sub.add_parser("search", help="rank the indexed images for text queries",
+                       description="Print the top images for each query. Full LAPS scoring of every image, "
+                       "or with --rerank K a cosine pre-ranking of pooled embeddings and LAPS on its top K.")
+    s.add_argument("queries", nargs="+", metavar="QUERY", help="text queries")
+    s.add_argument("--ckpt", required=True, help="the checkpoint the index was made with")
+    s.add_argument("--index", required=True, help="embedding file from `laps-retrieve index`")
+    s.add_argument("--top-k", type=int, default=10, help="images shown per query (default: %(default)s)")
+    s.add_argument("--rerank", type=int, default=None, metavar="K",
+                   help="pre-rank by pooled-embedding cosine, re-score the top K with LAPS")
+    s.add_argument("--prerank", choices=PRERANK, default="mean",
+                   help="first stage of --rerank: cosine of the mean image token (default) or of the [CLS] "
+                   "token, against the mean of the query's words")
+    s.add_argument("--block", type=int, default=128, help="images per LAPS scoring step (default: %(default)s)")
+    s.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    s.add_argument("--tokenizer", default=None, help="tokenizer folder or hub name, replacing the run's")
+    s.add_argument("--json", default=None, help="also write the rankings and statistics to this JSON file")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Any:
+    from laps.inference import load_for_inference
+
+    if args.command == "index":
+        report = build_index(args.ckpt, args.images, args.out, args.batch_size, args.device, args.fp16,
+                             args.save_every, args.workers, args.overwrite)
+        print(f"{report.out}: {report.total} images ({report.encoded} encoded now, {report.reused} reused, "
+              f"{len(report.failed)} unreadable) in {report.seconds:.1f} s")
+        return report
+    index = load_index(args.index)
+    if not index.get("complete", False):
+        log.warning("%s is partial (an interrupted `laps-retrieve index`): searching the %d images it holds",
+                    args.index, len(index["paths"]))
+    engine = load_for_inference(args.ckpt, device=args.device, tokenizer=args.tokenizer)
+    results, stats = search(engine, index, args.queries, args.top_k, args.rerank, args.block,
+                            prerank=args.prerank)
+    print_results(results, stats, index.get("root", ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"results": [asdict(r) for r in results], "stats": asdict(stats)}, indent=1) + "\n")
+    return results, stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    from laps.cli.common import user_error
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run(args)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        text = str(cause).strip()
+        print(f"error: {text.splitlines()[0] if text else type(cause).__name__}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
