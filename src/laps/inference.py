@@ -77,38 +77,12 @@ def eval_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Callable[[Image.Image], Tensor]:
-    """The evaluation transform (:func:`laps.data.transforms.build_transform`, ``train=False``).
+    """The evaluation transform (:func:`laps.data.transforms.build_transform`, ``train=False``);
+    ``mean``/``std`` default to ImageNet's."""
+    from laps.data.transforms import build_transform
 
-    ``mean``/``std`` (default: ImageNet's) set the normalisation. When ``build_transform`` does not
-    take them, the ImageNet-normalised output is renormalised, which is exact.
-    """
-    import inspect
+    return build_transform(image_size, train=False, mean=mean, std=std)
 
-    from laps.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
-
-    if mean is None and std is None:
-        return build_transform(image_size, train=False)
-    mean = tuple(float(m) for m in (mean if mean is not None else IMAGENET_MEAN))
-    std = tuple(float(s) for s in (std if std is not None else IMAGENET_STD))
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"image mean and std need 3 values each, got {mean} and {std}")
-    params = inspect.signature(build_transform).parameters
-    if "mean" in params and "std" in params:
-        return build_transform(image_size, train=False, mean=mean, std=std)
-    return _Renormalized(build_transform(image_size, train=False), IMAGENET_MEAN, IMAGENET_STD, mean, std)
-
-
-class _Renormalized:
-    """``base`` (normalised with ``mean0``/``std0``) renormalised to ``mean``/``std``: picklable for workers."""
-
-    def __init__(self, base: Callable[[Image.Image], Tensor], mean0, std0, mean, std) -> None:
-        self.base = base
-        std_t = torch.tensor(std).view(3, 1, 1)
-        self.scale = torch.tensor(std0).view(3, 1, 1) / std_t
-        self.shift = (torch.tensor(mean0) - torch.tensor(mean)).view(3, 1, 1) / std_t
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        return self.base(image) * self.scale + self.shift
 
 
 def model_fingerprint(model: torch.nn.Module, prefix: str = "vision.") -> str:

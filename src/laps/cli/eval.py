@@ -29,6 +29,10 @@ def run_config(cfg: DictConfig, checkpoint: dict) -> DictConfig:
         replace["dataset"] = OmegaConf.to_container(cfg.dataset, resolve=False)
     merged = OmegaConf.merge(OmegaConf.create(stored), replace, cfg.get("overrides") or {})
     merged.paths.output_dir = cfg.paths.output_dir
+    for key in ("backbone", "backbone.vision", "backbone.text", "model.net.vision", "model.net.text"):
+        node = OmegaConf.select(merged, key)
+        if node is not None and "pretrained" in node:
+            node.pretrained = False  # every weight comes from the checkpoint: never download
     merged.model.save_sims = bool(cfg.get("save_sims", False))
     return merged
 

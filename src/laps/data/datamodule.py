@@ -11,6 +11,8 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from laps.data.transforms import build_transform
+
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +32,7 @@ class LAPSDataModule(LightningDataModule):
         size_augment: the official word-level size augmentation on training captions.
         batch_size: training batch per device; eval_batch_size: evaluation batch per device.
         on_bad_image: ``error`` or ``skip`` for missing/unreadable images.
+        image_mean, image_std: the backbone's image normalisation (default ImageNet's).
         synthetic: generator parameters; when given, the dataset is generated into ``root`` if missing.
         seed: seed of the training order (default: the seed of ``seed_everything``, ``PL_GLOBAL_SEED``).
 
@@ -59,6 +62,8 @@ class LAPSDataModule(LightningDataModule):
         pin_memory: bool = True,
         on_bad_image: str = "error",
         synthetic: dict[str, Any] | None = None,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -82,6 +87,8 @@ class LAPSDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.on_bad_image = on_bad_image
         self.synthetic = dict(synthetic) if synthetic else None
+        self.image_mean = list(image_mean) if image_mean is not None else None
+        self.image_std = list(image_std) if image_std is not None else None
         self.seed = seed
         self._tokenizer = None
         self._sets: dict[str, Any] = {}
@@ -140,6 +147,7 @@ class LAPSDataModule(LightningDataModule):
 
         ds = PairDataset(
             self._split("train"), self.tokenizer, image_size=self.image_size,
+            transform=build_transform(self.image_size, True, self.image_mean, self.image_std),
             augment=self.size_augment, on_bad_image=self.on_bad_image,
         )
         if len(ds) < self.batch_size:
@@ -178,7 +186,8 @@ class LAPSDataModule(LightningDataModule):
         from laps.data.datasets import CaptionDataset, ImageDataset
 
         split = self._split(stage)
-        images = ImageDataset(split, image_size=self.image_size, on_bad_image=self.on_bad_image)
+        transform = build_transform(self.image_size, False, self.image_mean, self.image_std)
+        images = ImageDataset(split, transform=transform, image_size=self.image_size, on_bad_image=self.on_bad_image)
         captions = CaptionDataset(split, self.tokenizer)
         return [
             self._loader(images, self.eval_batch_size, images.collate, shuffle=False, drop_last=False),
