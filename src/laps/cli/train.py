@@ -86,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns every logged metric (``val/...``, ``test/...``)."""
     validate_config(cfg)
     check_pretrained_available(cfg.get("backbone"))  # offline: fail before reading any data
+    resume = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir) if cfg.get("train", True) else None
     datamodule = build_datamodule(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -98,8 +99,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir),
-                    weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     if cfg.get("test", True) and not trainer.fast_dev_run:

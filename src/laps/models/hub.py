@@ -53,6 +53,38 @@ def _offline_message(name: str, cause: BaseException | None, option: str) -> str
     )
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def _locally_available(name_or_path: str) -> bool:
+    """A local path, or a hub name whose ``config.json`` is in the Hugging Face cache."""
+    if Path(name_or_path).expanduser().exists():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id, ...
+        return False
+
+
+def check_pretrained_available(backbone: Any) -> None:
+    """Before any data is read: offline, every pretrained transformers backbone of the ``backbone``
+    config must be a local folder or in the cache, else one :class:`BackboneUnavailableError`."""
+    if not _hub_offline():
+        return  # a download will be tried (and fail with the same message if it cannot)
+    for part in ("vision", "text"):
+        node = backbone.get(part) if backbone is not None else None
+        if not node or not node.get("pretrained") or not node.get("name_or_path"):
+            continue
+        name = str(node.get("name_or_path"))
+        if not _locally_available(name):
+            raise BackboneUnavailableError(_offline_message(name, None, f"backbone.{part}.name_or_path"))
+
+
 def hf_config(name_or_path: str, overrides: dict[str, Any] | None = None, option: str = "backbone.vision"):
     """A transformers config from a local folder/file, a known base architecture, or the hub/cache."""
     from transformers import AutoConfig

@@ -1,0 +1,1 @@
+"""Helpers shared by the real-data tests (stand-in image folders, vocabularies, tiny checkpoints)."""

@@ -1,0 +1,153 @@
+"""``laps-import-official``: official checkpoints become laps checkpoints that ``laps-eval`` rebuilds into a
+model reproducing the official outputs; hostile pickles are refused by every command that reads a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_SYNTHETIC, compose_train
+from helpers.standins import build_wordpiece_vocab, make_f30k_standin, read_lines, shared_data
+from laps.cli import import_official
+from laps.cli.eval import evaluate, run_config
+from laps.cli.train import build_datamodule, build_module, resolve_ckpt
+from laps.compat.serialization import safe_load
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "laps_reference"
+CASES = ["official_tiny", "official_tiny_swin"]
+TOL = 1e-4
+
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures missing: {FIXTURES}")
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.fixture(scope="module")
+def vocab1000(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A WordPiece vocabulary of exactly 1,000 tokens (the fixtures' BERT vocabulary size)."""
+    folder = build_wordpiece_vocab(
+        read_lines(shared_data("f30k") / "test_caps.txt"), tmp_path_factory.mktemp("vocab1000"), vocab_size=1000
+    )
+    assert len(read_lines(folder / "vocab.txt")) == 1000
+    return folder
+
+
+@pytest.fixture(scope="module")
+def f30k_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in F30K folder: the first 10 images (50 captions) of the real test split."""
+    return make_f30k_standin(tmp_path_factory.mktemp("f30k"), "test", images=slice(0, 10))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_imported_checkpoint_reproduces_official(name: str, vocab1000: Path, f30k_small: Path, tmp_path: Path) -> None:
+    case = FIXTURES / name
+    out = tmp_path / "imported.ckpt"
+    import_official.main([str(case / "model_best.pth"), "--out", str(out), "--vision-config", str(case / "vision"),
+                          "--text-config", str(case / "text"), "--tokenizer", str(vocab1000)])
+    stored = safe_load(out)  # plain containers and tensors only
+    assert set(stored) >= {"state_dict", "laps_config", "official"}
+    assert stored["laps_config"]["backbone"]["pretrained"] is False  # nothing to download: weights are in the file
+    assert stored["laps_config"]["dataset"]["tokenizer"] == str(vocab1000)
+
+    # The eval path, as laps.cli.eval.evaluate builds it (laps-eval ckpt_path=... +overrides.dataset.root=...).
+    cfg = compose_train([f"ckpt_path={out}", "trainer=cpu", f"+overrides.dataset.root={f30k_small}",
+                         "+overrides.dataset.num_workers=0"], tmp_path / "eval", tmp_path, "eval")
+    checkpoint = safe_load(resolve_ckpt(cfg.ckpt_path, cfg.paths.output_dir))
+    run_cfg = run_config(cfg, checkpoint)
+    datamodule = build_datamodule(run_cfg)
+    assert datamodule.vocab_size == 1000
+    module = build_module(run_cfg, datamodule.vocab_size)
+    module.load_state_dict(checkpoint["state_dict"])  # strict: every key fits
+    net = module.net.eval()
+    exp = torch.load(case / "expected.pt")
+    with torch.no_grad():
+        sims = net(exp["images"], exp["captions"], exp["lengths"])
+    assert sims.shape == exp["sims_eval"].shape
+    assert rel_err(sims, exp["sims_eval"]) < TOL
+
+    # Control: the same architecture without the file's weights is far off.
+    fresh = build_module(run_cfg, datamodule.vocab_size).net.eval()
+    with torch.no_grad():
+        assert rel_err(fresh(exp["images"], exp["captions"], exp["lengths"]), exp["sims_eval"]) > 1e-2
+
+    # And laps-eval runs on it end to end (10 images x 50 captions of the real test split).
+    metrics = evaluate(cfg)
+    assert {"test/rsum", "test/i2t_R@1", "test/t2i_R@1"} <= set(metrics)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/rsum"] == pytest.approx(
+        metrics["test/rsum"])
+
+
+# ------------------------------------------------------------------------------------------ hostile pickles
+class _ShellPayload:
+    """Unpickling runs ``touch target``."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def hostile_checkpoint(path: Path, target: Path) -> Path:
+    """Shaped like an official checkpoint (and a Lightning one); its ``opt`` runs a shell command."""
+    torch.save({"model": {}, "state_dict": {}, "opt": _ShellPayload(target), "epoch": 1}, path)
+    return path
+
+
+def test_payload_is_live(tmp_path: Path) -> None:
+    """Control: an unrestricted torch.load of such a file does run the command."""
+    target = tmp_path / "control_pwned"
+    torch.load(hostile_checkpoint(tmp_path / "control.pth", target), weights_only=False)
+    assert target.exists()
+
+
+def run_cli(module_main: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-c", f"from {module_main} import main; main()", *args],
+                          check=False, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], hostile: Path, target: Path) -> None:
+    assert result.returncode != 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert not target.exists(), "the pickle's code ran"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert str(hostile) in errors[0] and "posix.system" in errors[0], errors[0]
+
+
+def test_import_official_refuses_hostile_pickle(tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    hostile = hostile_checkpoint(tmp_path / "model_best.pth", target)
+    out = tmp_path / "out" / "imported.ckpt"
+    result = run_cli("laps.cli.import_official", [str(hostile), "--out", str(out)], tmp_path)
+    assert_refused(result, hostile, target)
+    assert not out.exists() and not out.with_suffix(".ckpt.tmp").exists()
+
+
+def test_eval_refuses_hostile_pickle(tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    hostile = hostile_checkpoint(tmp_path / "hostile.ckpt", target)
+    result = run_cli("laps.cli.eval", [f"ckpt_path={hostile}", "trainer=cpu", f"paths.root_dir={tmp_path}"], tmp_path)
+    assert_refused(result, hostile, target)
+    assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("sims_test.pt"))
+
+
+def test_train_resume_refuses_hostile_pickle(tmp_path: Path, synthetic_root: Path) -> None:
+    target = tmp_path / "pwned"
+    hostile = hostile_checkpoint(tmp_path / "hostile.ckpt", target)
+    args = [f"ckpt_path={hostile}", *TINY_SYNTHETIC, f"paths.data_dir={synthetic_root}", "trainer=cpu",
+            "logger=csv", f"paths.root_dir={tmp_path}"]
+    result = run_cli("laps.cli.train", args, tmp_path)
+    assert_refused(result, hostile, target)
+    assert list(tmp_path.rglob("*.ckpt")) == [hostile]  # no checkpoint written
+    assert not list(tmp_path.rglob("metrics.json"))
