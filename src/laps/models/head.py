@@ -1,13 +1,31 @@
 """The LAPS slimming head: patch selection, fusion, aggregation and patch-word alignment.
 
-The math follows the official release (see ``docs/algorithm.md``); the arrangement does not.
-Everything that depends on the image alone (normalised patches, salience scores and the
-aggregation MLP applied to every patch) is computed once per image, and every
-image-caption pair is then handled with large batched matrix products over chunks of
-captions. Inside a chunk, selection is expressed as masks over all patches instead of
-gathers, so the aggregation and fusion become ``(pairs x N) @ (N x C)`` products.
-When gradients are needed each chunk is checkpointed, so memory is bounded by the
-chunk size rather than by ``B_v * B_t``.
+The math follows the official release (``LAPS.md``); the arrangement does not. Per image-caption
+pair the official code gathers the kept patches, runs the aggregation MLP on them and forms the
+``M`` aggregated tokens ``A = softmax(scale * MLP(S)^T) @ S``. Here:
+
+* everything that depends on the image alone is computed once per image: normalised patches and
+  their salience, the aggregation MLP on every patch, the exponentiated logits ``E`` (``N x M``)
+  and the patch Gram matrix ``G = P P^T`` (``N x N``);
+* the aggregated tokens are never formed. A pair only needs, for every aggregated token ``m``,
+  its dot products with the caption's words and its norm. With the softmax weights over the kept
+  patches ``w_m = E[:, m] * keep / Z_m`` (``Z_m = E[:, m] . keep``):
+  ``<word_j, A_m> = sum_k w_mk <word_j, P_k>`` and ``||A_m||^2 = w_m G w_m^T``.
+  The word-token products ``<word_j, token_k>`` of a block of pairs are one large GEMM
+  (``(B_v * L_v, C) @ (C, b_t * L_t)``; the [CLS] row is one of its columns), the aggregated
+  tokens' dots a GEMM per image with ``E`` and their norms a GEMM per image with ``G``. Per pair
+  this is about ``L_v L_t C + M N^2`` multiply-adds in large GEMMs, against ``K C h + M K C``
+  (MLP of width ``h`` on the ``K`` kept tokens, aggregation) plus gathers in the official loop;
+* the fusion token ``f = softmax(dropped scores) @ P`` is a small GEMM per image.
+
+Pairs are scored in blocks (captions sorted by length, so that a block is padded only to its own
+longest caption; on CPU blocks stay small enough for the allocator to reuse their memory). The
+backward is hand-written (:class:`_PairScores`): a block's intermediates are kept from forward to
+backward within ``max_saved_mb`` and recomputed beyond it, so memory stays bounded; when few
+pairs carry a gradient (the hardest-negative loss gives about three per image), backward
+recomputes only those, image by image, and the next forward keeps nothing. Selection, softmax
+weights and normalisation run in fp32 (float64 for float64 inputs); under autocast the large
+GEMMs run in the autocast dtype.
 """
 
 from __future__ import annotations
@@ -18,9 +36,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 LEAKY_SLOPE = 0.1
+NORM_EPS = 1e-12  # as F.normalize
+# Aggregation logits more than this below the maximum of their column (over an image's patches)
+# are floored there before exponentiation, so that exp() never underflows to zero. Results are
+# unchanged unless all kept patches of a pair sit that far below a dropped one: then the official
+# softmax is one-hot anyway, and this gives near-uniform weights instead of NaN.
+LOGIT_FLOOR = 80.0
 
 
 def keep_count(num_patches: int, sparse_ratio: float) -> int:
@@ -36,7 +59,7 @@ def aggregated_count(num_patches: int, sparse_ratio: float, aggr_ratio: float) -
 def check_ratios(num_patches: int, sparse_ratio: float, aggr_ratio: float) -> None:
     """Raise ``ValueError`` naming the argument when the ratios are unusable."""
     for name, value in (("sparse_ratio", sparse_ratio), ("aggr_ratio", aggr_ratio)):
-        if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
             raise ValueError(f"{name} must be in (0, 1], got {value!r}")
     if num_patches < 1:
         raise ValueError(f"num_patches must be positive, got {num_patches}")
@@ -82,8 +105,18 @@ class LAPSHead(nn.Module):
         sparse_ratio: fraction of patches kept, ``K = ceil(N * sparse_ratio)``.
         aggr_ratio: aggregated tokens ``M = int(N * aggr_ratio * sparse_ratio)``.
         has_cls: whether token 0 of the image tokens is a [CLS] token.
-        chunk_pairs: image-caption pairs scored at once; bounds memory of forward and backward.
+        chunk_pairs: image-caption pairs scored at once (a block); bounds the working memory of
+            forward and backward (on CPU blocks are also capped at :data:`CPU_BLOCK_PAIRS`).
+        max_saved_mb: in training, the intermediates kept from forward to backward, in MiB. Blocks
+            beyond it are recomputed in backward instead, so memory stays bounded by this plus one
+            block; 0 recomputes every block.
+        selection: ``topk`` (the official hard selection, the default) or ``gumbel`` (the paper's
+            learned, differentiable decision; see :mod:`laps.models.gumbel`).
+        attention_weight: ``gumbel`` only: weight of the attention scores against the prediction.
+        gumbel_tau: ``gumbel`` only: the Gumbel-softmax temperature.
     """
+
+    SELECTIONS = ("topk", "gumbel")
 
     def __init__(
         self,
@@ -93,22 +126,45 @@ class LAPSHead(nn.Module):
         aggr_ratio: float = 0.4,
         has_cls: bool = True,
         chunk_pairs: int = 2048,
+        max_saved_mb: float = 1024.0,
+        selection: str = "topk",
+        attention_weight: float = 0.8,
+        gumbel_tau: float = 1.0,
     ) -> None:
         super().__init__()
         check_ratios(num_patches, sparse_ratio, aggr_ratio)
+        if selection not in self.SELECTIONS:
+            raise ValueError(f"selection must be one of {self.SELECTIONS}, got {selection!r}")
+        if not 0.0 <= attention_weight <= 1.0:
+            raise ValueError(f"attention_weight must be in [0, 1], got {attention_weight}")
+        if not gumbel_tau > 0:
+            raise ValueError(f"gumbel_tau must be positive, got {gumbel_tau}")
         if embed_dim < 1:
             raise ValueError(f"embed_dim must be positive, got {embed_dim}")
         if chunk_pairs < 1:
             raise ValueError(f"chunk_pairs must be positive, got {chunk_pairs}")
+        if not max_saved_mb >= 0:
+            raise ValueError(f"max_saved_mb must be >= 0, got {max_saved_mb}")
         self.embed_dim = embed_dim
         self.num_patches = num_patches
         self.sparse_ratio = float(sparse_ratio)
         self.aggr_ratio = float(aggr_ratio)
         self.has_cls = bool(has_cls)
         self.chunk_pairs = chunk_pairs
+        self.max_saved_mb = float(max_saved_mb)
+        # Set by the last backward: whether few pairs carried a gradient (hardest negatives). Then
+        # the next forward keeps no intermediates, since backward recomputes just those pairs.
+        self._grad_feedback: dict[str, bool] = {"sparse": False}
         self.num_keep = keep_count(num_patches, sparse_ratio)
         self.num_aggregated = aggregated_count(num_patches, sparse_ratio, aggr_ratio)
         self.aggregation = TokenAggregation(embed_dim, self.num_aggregated)
+        self.selection = selection
+        self.attention_weight = float(attention_weight)
+        self.gumbel_tau = float(gumbel_tau)
+        if selection == "gumbel":
+            from laps.models.gumbel import ScorePredictor
+
+            self.predictor = ScorePredictor(embed_dim)
 
     def extra_repr(self) -> str:
         return (
@@ -166,8 +222,13 @@ class LAPSHead(nn.Module):
     def similarity(
         self, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor, return_mask: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """``sims`` ``(B_v, B_t)`` and, on request, the keep mask ``(B_v, B_t, N)``."""
+        """``sims`` ``(B_v, B_t)`` (fp32) and, on request, the keep mask ``(B_v, B_t, N)``."""
         cap_lens = self._check_inputs(img_embs, cap_embs, cap_lens)
+        if self.selection == "gumbel":
+            from laps.models.gumbel import gumbel_similarity
+
+            sims, keep = gumbel_similarity(self, img_embs, cap_embs, cap_lens)
+            return sims, (keep if return_mask else None)
         image = self.prepare_images(img_embs)
         caption = self.prepare_captions(cap_embs, cap_lens)
         return self.score_prepared(image, caption, return_mask=return_mask)
@@ -175,117 +236,640 @@ class LAPSHead(nn.Module):
     def score_prepared(
         self, image: dict[str, Tensor], caption: dict[str, Tensor], return_mask: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """Score outputs of :meth:`prepare_images` against :meth:`prepare_captions`, in chunks."""
-        n_img, n_cap = image["patches"].shape[0], caption["words_n"].shape[0]
-        step = max(1, self.chunk_pairs // max(n_img, 1))
-        inputs = list(image.values())
-        sims, masks = [], []
-        for start in range(0, n_cap, step):
-            args = inputs + [v[start : start + step] for v in caption.values()]
-            if torch.is_grad_enabled() and any(a.requires_grad for a in args):
-                out, keep = checkpoint(self._score_block, *args, use_reentrant=False)
-            else:
-                out, keep = self._score_block(*args)
-            sims.append(out)
-            if return_mask:
-                masks.append(keep)
-        ref = image["patches"]
-        sims_t = torch.cat(sims, dim=1) if sims else ref.new_zeros(n_img, 0, dtype=torch.float32)
-        mask_t = None
-        if return_mask:
-            mask_t = torch.cat(masks, dim=1) if masks else ref.new_zeros(n_img, 0, self.num_patches)
-        return sims_t, mask_t
+        """Score outputs of :meth:`prepare_images` against :meth:`prepare_captions`, in blocks of pairs.
+
+        Returns ``sims`` ``(B_v, B_t)`` (fp32) and, with ``return_mask``, the keep mask
+        ``(B_v, B_t, N)``.
+        """
+        tokens = image["tokens"]
+        words = caption["words_n"]
+        n_img, n_cap = tokens.shape[0], words.shape[0]
+        if n_img == 0 or n_cap == 0:
+            real = image["gram"].dtype
+            sims = tokens.new_zeros(n_img, n_cap, dtype=real)
+            mask = tokens.new_zeros(n_img, n_cap, self.num_patches, dtype=real)
+            return sims, (mask if return_mask else None)
+        config = _ScoreConfig(
+            n_cls=int(self.has_cls),
+            num_keep=self.num_keep,
+            mm_dtype=_matmul_dtype(tokens.device.type, image["gram"].dtype),
+            block_pairs=_block_pairs(self.chunk_pairs, tokens.device.type),
+            max_saved_bytes=0 if self._grad_feedback["sparse"] else int(self.max_saved_mb * 2**20),
+            feedback=self._grad_feedback,
+            return_mask=return_mask,
+        )
+        selection = (image["patches_n"], image["salience"], caption["query"])
+        diff = (tokens, image["gram"], image["weights"], image["cls_norm"], words)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in diff):
+            sims, mask = _PairScores.apply(*diff, caption["lens"], *selection, config)
+        else:
+            sims, mask, _ = _score_blocks(*diff, caption["lens"], *selection, config, save=False)
+        return sims, (mask if return_mask else None)
 
     # ------------------------------------------------------------------ per-image / per-caption work
     def prepare_images(self, img_embs: Tensor) -> dict[str, Tensor]:
         """Caption-independent work, once per image.
 
-        Returns ``patches`` (B_v, N, C) unnormalised, ``patches_n`` normalised, ``salience``
-        (B_v, N), ``logits`` (B_v, N, M) of the aggregation MLP, and ``cls`` (B_v, R_c, C)
-        with R_c = 1 when there is a [CLS] token, else 0.
+        Returns ``tokens`` (B_v, L_v, C) as given; ``patches_n`` (B_v, N, C) normalised and
+        ``salience`` (B_v, N) for the selection (no gradient); ``gram`` (B_v, N, N) ``P P^T``;
+        ``weights`` (B_v, N, M), the aggregation logits exponentiated after subtracting their
+        per-image column maximum; ``cls_norm`` (B_v, R_c), the [CLS] norm (R_c = 1 with a [CLS]
+        token, else 0). All but ``tokens`` are fp32 (float64 for float64 inputs).
         """
-        cls = img_embs[:, :1] if self.has_cls else img_embs[:, :0]
-        patches = img_embs[:, 1:] if self.has_cls else img_embs
-        patches_n = F.normalize(patches.float(), dim=-1)
-        with torch.no_grad():
-            glob = F.normalize(patches.float().mean(dim=1), dim=-1)
-            salience = torch.einsum("vnc,vc->vn", patches_n, glob)
+        n_cls = int(self.has_cls)
+        patches = img_embs[:, n_cls:]
+        device_type = img_embs.device.type
+        with torch.autocast(device_type, enabled=False):
+            real = _real_dtype(img_embs.dtype)
+            p32 = patches.to(real)
+            with torch.no_grad():
+                patches_n = F.normalize(p32, dim=-1)
+                glob = F.normalize(p32.mean(dim=1), dim=-1)
+                salience = torch.bmm(patches_n, glob.unsqueeze(-1)).squeeze(-1)
+            gram = _Gram.apply(p32)
+            cls_norm = img_embs[:, :n_cls].to(real).norm(dim=-1).clamp_min(NORM_EPS)
         logits = self.aggregation(patches)
-        return {"patches": patches, "patches_n": patches_n, "salience": salience, "logits": logits, "cls": cls}
+        with torch.autocast(device_type, enabled=False):
+            logits = logits.to(real)
+            shifted = logits - logits.detach().amax(dim=1, keepdim=True)
+            weights = torch.exp(shifted.clamp_min(-LOGIT_FLOOR))
+        return {
+            "tokens": img_embs,
+            "patches_n": patches_n,
+            "salience": salience,
+            "gram": gram,
+            "weights": weights,
+            "cls_norm": cls_norm,
+        }
 
     @staticmethod
     def prepare_captions(cap_embs: Tensor, cap_lens: Tensor) -> dict[str, Tensor]:
-        """Image-independent work, once per caption: normalised words (B_t, L_t, C), lengths."""
-        words_n = F.normalize(cap_embs.float(), dim=-1)
-        valid = _length_mask(cap_lens, cap_embs.shape[1])
-        with torch.no_grad():
-            mean = (cap_embs.float() * valid.unsqueeze(-1)).sum(1) / cap_lens.unsqueeze(-1)
-            query = F.normalize(mean, dim=-1)
+        """Image-independent work, once per caption: normalised words ``words_n`` (B_t, L_t, C) in fp32,
+        ``lens`` (B_t,), and ``query`` (B_t, C), the normalised mean of the valid words (no gradient)."""
+        with torch.autocast(cap_embs.device.type, enabled=False):
+            real = _real_dtype(cap_embs.dtype)
+            words_n = F.normalize(cap_embs.to(real), dim=-1)
+            with torch.no_grad():
+                valid = _length_mask(cap_lens, cap_embs.shape[1])
+                mean = (cap_embs.to(real) * valid.unsqueeze(-1)).sum(1) / cap_lens.unsqueeze(-1)
+                query = F.normalize(mean, dim=-1)
         return {"words_n": words_n, "lens": cap_lens, "query": query}
 
-    # ------------------------------------------------------------------ a block of pairs
-    @torch.no_grad()
+    # ------------------------------------------------------------------ selection
     def _select(self, patches_n: Tensor, salience: Tensor, query: Tensor) -> PatchSelection:
-        """Top-K selection and fusion weights for every (image, caption) pair of the block.
+        """Top-K keep mask and fusion weights ``(B_v, B_t, N)`` (fp32, no gradient)."""
+        return _select(patches_n, salience, query, self.num_keep)
 
-        Always in fp32, also under autocast, so that bf16 rounding cannot change which
-        patches are kept.
-        """
-        with torch.autocast(patches_n.device.type, enabled=False):
-            return self._select_fp32(patches_n.float(), salience.float(), query.float())
 
-    def _select_fp32(self, patches_n: Tensor, salience: Tensor, query: Tensor) -> PatchSelection:
-        relevance = torch.einsum("vnc,tc->vtn", patches_n, query)
-        score = relevance + salience.unsqueeze(1)
-        kept = score.topk(self.num_keep, dim=-1).indices
-        keep = torch.zeros_like(score).scatter_(-1, kept, 1.0)
-        if self.num_keep == self.num_patches:
-            fuse = torch.zeros_like(score)
-        else:
-            fuse = torch.softmax(score.masked_fill(keep.bool(), float("-inf")), dim=-1)
-        return PatchSelection(keep, fuse)
+# ---------------------------------------------------------------------- scoring blocks of pairs
+# On CPU, blocks of about this many pairs keep each temporary near 16 MB, within the last-level
+# cache, while the GEMMs stay large; temporaries are reused from block to block (_Workspace),
+# since page-faulting fresh memory costs more than the element-wise arithmetic on it.
+CPU_BLOCK_PAIRS = 512
+# Captions whose patch selection is computed in one go, against all images of the call.
+SELECT_CAPTIONS = 64
 
-    def _score_block(
-        self,
-        patches: Tensor,
-        patches_n: Tensor,
-        salience: Tensor,
-        logits: Tensor,
-        cls: Tensor,
-        words_n: Tensor,
-        lens: Tensor,
-        query: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """Similarities ``(B_v, b_t)`` and keep mask ``(B_v, b_t, N)`` for a chunk of ``b_t`` captions."""
-        n_img, n_patch, dim = patches.shape
-        n_cap = words_n.shape[0]
-        sel = self._select(patches_n, salience, query)
-        keep = sel.keep.bool()
 
-        # Aggregation: softmax over the kept patches of each logit column, as (M x N) weights.
-        lg = logits.float().transpose(1, 2).unsqueeze(1)  # (B_v, 1, M, N)
-        lg = lg.masked_fill(~keep.unsqueeze(2), float("-inf"))
-        weights = torch.softmax(lg, dim=-1)  # (B_v, b_t, M, N)
-        fuse = sel.fuse.unsqueeze(2)  # (B_v, b_t, 1, N)
-        mix = torch.cat([weights, fuse], dim=2).to(patches.dtype)  # (B_v, b_t, M+1, N)
-        rows = torch.bmm(mix.reshape(n_img, -1, n_patch), patches).reshape(n_img, n_cap, -1, dim)
-        if cls.shape[1]:
-            rows = torch.cat([cls.unsqueeze(1).expand(-1, n_cap, -1, -1).to(rows.dtype), rows], dim=2)
-        rows_n = F.normalize(rows.float(), dim=-1)  # (B_v, b_t, R, C)
+class _ScoreConfig(NamedTuple):
+    n_cls: int
+    num_keep: int
+    mm_dtype: torch.dtype
+    block_pairs: int
+    max_saved_bytes: int
+    feedback: dict[str, bool]
+    return_mask: bool
 
-        # Alignment: (b_t) x (B_v * R, C) @ (C, L_t), batched over captions.
-        n_rows = rows_n.shape[2]
-        lhs = rows_n.transpose(0, 1).reshape(n_cap, n_img * n_rows, dim)
-        align = torch.bmm(lhs.to(words_n.dtype), words_n.transpose(1, 2)).float()
-        align = F.leaky_relu(align, LEAKY_SLOPE).reshape(n_cap, n_img, n_rows, -1)  # (b_t, B_v, R, L_t)
-        valid = _length_mask(lens, words_n.shape[1])[:, None, None, :]  # (b_t, 1, 1, L_t)
-        lens_f = lens.to(align.dtype)[:, None]
-        t2i = align.masked_fill(~valid, float("-inf")).amax(dim=2)  # (b_t, B_v, L_t)
-        t2i = t2i.masked_fill(~valid[:, :, 0], 0.0).sum(-1) / lens_f
-        i2t = align.masked_fill(~valid, float("-inf")).amax(dim=3).mean(-1)  # (b_t, B_v)
-        return (t2i + i2t).transpose(0, 1), sel.keep
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of everything but the large GEMMs: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _matmul_dtype(device_type: str, real: torch.dtype) -> torch.dtype:
+    """The dtype of the large GEMMs: the autocast dtype when autocast is on, else ``real``."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return real
+
+
+def _block_pairs(chunk_pairs: int, device_type: str) -> int:
+    """Pairs per block: ``chunk_pairs``, capped on CPU at :data:`CPU_BLOCK_PAIRS`."""
+    return min(chunk_pairs, CPU_BLOCK_PAIRS) if device_type == "cpu" else chunk_pairs
+
+
+def _plan_blocks(n_img: int, n_cap: int, block_pairs: int, device_type: str = "cpu") -> list[tuple[int, int, int, int]]:
+    """``(v0, v1, t0, t1)`` blocks of at most ``block_pairs`` pairs, covering images x captions.
+
+    On CPU captions (sorted by length) go 8 to a block: few enough that a block is padded only to
+    the longest of similar lengths, enough for wide GEMMs. Elsewhere a block takes as many
+    captions as the budget allows with all images (fewer, larger kernels), at least 8. Images fill
+    the rest of the budget. Splits are balanced.
+    """
+    n_t = 8 if device_type == "cpu" else max(8, block_pairs // max(n_img, 1))
+    n_t = max(1, min(n_cap, n_t, block_pairs))
+    n_v = max(1, min(n_img, block_pairs // n_t))
+    n_t = -(-n_cap // -(-n_cap // n_t))  # balance: same number of blocks, as even as possible
+    n_v = -(-n_img // -(-n_img // n_v))
+    return [
+        (v0, min(v0 + n_v, n_img), t0, min(t0 + n_t, n_cap))
+        for t0 in range(0, n_cap, n_t)
+        for v0 in range(0, n_img, n_v)
+    ]
 
 
 def _length_mask(lens: Tensor, max_len: int) -> Tensor:
     """``(B, max_len)`` boolean mask of the first ``lens[b]`` positions."""
     return torch.arange(max_len, device=lens.device).unsqueeze(0) < lens.unsqueeze(1)
+
+
+@torch.no_grad()
+def _select(patches_n: Tensor, salience: Tensor, query: Tensor, num_keep: int) -> PatchSelection:
+    """Top-K selection and fusion weights for a block: ``(V, N, C)``, ``(V, N)``, ``(T, C)`` -> ``(V, T, N)``.
+
+    Always in fp32, also under autocast, so that rounding cannot change which patches are kept.
+    """
+    with torch.autocast(patches_n.device.type, enabled=False):
+        n_img, n_patch, dim = patches_n.shape
+        rel = torch.mm(query.to(patches_n.dtype), patches_n.reshape(n_img * n_patch, dim).t())  # (T, V * N)
+        score = (rel.view(-1, n_img, n_patch).transpose(0, 1) + salience.unsqueeze(1)).contiguous()
+        kept = score.topk(num_keep, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(score).scatter_(-1, kept, 1.0)
+        if num_keep == score.shape[-1]:
+            fuse = torch.zeros_like(score)
+        else:
+            fuse = torch.softmax(score.masked_fill(keep.bool(), float("-inf")), dim=-1)
+    return PatchSelection(keep, fuse)
+
+
+class _Workspace:
+    """Reusable scratch buffers, one per name, for the temporaries of successive blocks.
+
+    Blocks of a call have the same (or smaller) shapes, so after the first block nothing is
+    allocated: on CPU this avoids page-faulting fresh memory for every block.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _new(ws: _Workspace | None, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A scratch tensor from ``ws``, or a fresh one when there is no workspace (it is kept)."""
+    if ws is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return ws.get(name, shape, dtype, device)
+
+
+def _cache_bytes(n_img: int, n_tok: int, n_cap: int, n_word: int, n_aggr: int, n_patch: int, mm_dtype: torch.dtype,
+                 real: torch.dtype) -> int:
+    """Bytes a block keeps for backward: the word-token dots and ``w G`` dominate."""
+    rows = n_aggr + 2
+    per_pair = n_tok * n_word * mm_dtype.itemsize + (n_aggr * n_patch + 3 * rows * n_word) * real.itemsize
+    return n_img * n_cap * per_pair
+
+
+def _score_blocks(
+    tokens: Tensor,
+    gram: Tensor,
+    weights: Tensor,
+    cls_norm: Tensor,
+    words: Tensor,
+    lens: Tensor,
+    patches_n: Tensor,
+    salience: Tensor,
+    query: Tensor,
+    config: _ScoreConfig,
+    save: bool,
+) -> tuple[Tensor, Tensor | None, dict | None]:
+    """All pairs, block by block: ``sims`` (V, T), keep mask (V, T, N) or None, and saved state.
+
+    Captions are visited sorted by length so that each block is padded only to its own longest
+    caption. With ``save`` the state for :meth:`_PairScores.backward` is returned: the plan,
+    the sorted order, keep/fusion weights of every pair and, within ``max_saved_bytes``, each
+    block's intermediates.
+    """
+    n_img, n_cap = tokens.shape[0], words.shape[0]
+    n_tok, n_patch, n_aggr = tokens.shape[1], weights.shape[1], weights.shape[2]
+    order = torch.argsort(lens, stable=True)
+    lens_s = lens.index_select(0, order)
+    widths = lens_s.tolist()
+    words_s = words.index_select(0, order)
+    query_s = query.index_select(0, order)
+    real = gram.dtype
+    sims = torch.empty(n_img, n_cap, dtype=real, device=tokens.device)
+    need_sel = save or config.return_mask
+    keep_all = tokens.new_empty(n_img, n_cap, n_patch, dtype=real) if need_sel else None
+    fuse_all = tokens.new_empty(n_img, n_cap, n_patch, dtype=real) if save else None
+    plan, caches, saved = [], [], 0
+    ws = _Workspace()
+    blocks = _plan_blocks(n_img, n_cap, config.block_pairs, tokens.device.type)
+    # Selection for all images and a run of captions at once (a wide GEMM instead of thin ones).
+    span = blocks[0][3] - blocks[0][2]
+    span *= max(1, SELECT_CAPTIONS // span)
+    sel_range, sel = (0, 0), None
+    for v0, v1, t0, t1 in blocks:
+        if not sel_range[0] <= t0 < t1 <= sel_range[1]:
+            sel_range = (t0, min(n_cap, t0 + span))
+            sel = _select(patches_n, salience, query_s[sel_range[0] : sel_range[1]], config.num_keep)
+            if keep_all is not None:
+                keep_all[:, sel_range[0] : sel_range[1]] = sel.keep
+            if fuse_all is not None:
+                fuse_all[:, sel_range[0] : sel_range[1]] = sel.fuse
+        a, b = t0 - sel_range[0], t1 - sel_range[0]
+        width = max(widths[t0:t1])
+        size = _cache_bytes(v1 - v0, n_tok, t1 - t0, width, n_aggr, n_patch, config.mm_dtype, real)
+        keep_cache = save and saved + size <= config.max_saved_bytes
+        saved += size if keep_cache else 0
+        out, cache = _pair_forward(
+            tokens[v0:v1], gram[v0:v1], weights[v0:v1], cls_norm[v0:v1], words_s[t0:t1, :width],
+            sel.keep[v0:v1, a:b], sel.fuse[v0:v1, a:b], lens_s[t0:t1], config.n_cls, config.mm_dtype,
+            ws=None if keep_cache else ws, with_proj=keep_cache,
+        )
+        sims[v0:v1, t0:t1] = out
+        plan.append((v0, v1, t0, t1, width))
+        caches.append(cache if keep_cache else None)
+        del cache
+    inverse = torch.argsort(order)
+    sims = sims.index_select(1, inverse)
+    mask = keep_all.index_select(1, inverse) if config.return_mask else None
+    state = None
+    if save:
+        state = {"plan": plan, "caches": caches, "order": order, "lens_s": lens_s, "words_s": words_s,
+                 "keep_s": keep_all, "fuse_s": fuse_all}
+    return sims, mask, state
+
+
+def _pair_forward(
+    tokens: Tensor,
+    gram: Tensor,
+    weights: Tensor,
+    cls_norm: Tensor,
+    words: Tensor,
+    keep: Tensor,
+    fuse: Tensor,
+    lens: Tensor,
+    n_cls: int,
+    mm_dtype: torch.dtype,
+    ws: _Workspace | None = None,
+    with_proj: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Similarities ``(V, T)`` of a block, and the intermediates its backward needs.
+
+    Shapes: tokens (V, L_v, C); gram (V, N, N); weights (V, N, M); cls_norm (V, R_c);
+    keep, fuse (V, T, N). Captions are either shared by all images of the block, words (T, L, C)
+    normalised and lens (T,), or given per image, words (V, T, L, C) and lens (V, T). The large
+    intermediates are taken from ``ws`` when given (they are then only valid until the next block).
+    Without ``with_proj`` (no backward from these intermediates) the norms use the symmetry of G.
+    """
+    with torch.autocast(tokens.device.type, enabled=False):
+        n_img, n_tok, dim = tokens.shape
+        shared = words.dim() == 3
+        n_cap, n_word = words.shape[-3], words.shape[-2]
+        n_patch, n_aggr = weights.shape[1], weights.shape[2]
+        real, device = gram.dtype, tokens.device
+        tok = tokens.to(mm_dtype)
+        wrd = words.to(mm_dtype)
+        # <word_j, token_k>: one GEMM (V * L_v, C) @ (C, T * L) for shared captions, else one per image.
+        dots = _new(ws, "dots", (n_img, n_tok, n_cap, n_word), mm_dtype, device)
+        if shared:
+            torch.mm(tok.reshape(n_img * n_tok, dim), wrd.reshape(n_cap * n_word, dim).t(),
+                     out=dots.view(n_img * n_tok, n_cap * n_word))
+        else:
+            torch.bmm(tok, wrd.reshape(n_img, n_cap * n_word, dim).transpose(1, 2),
+                      out=dots.view(n_img, n_tok, n_cap * n_word))
+        dots_kept = dots[:, n_cls:]
+        # fusion token f = fuse @ P: <word_j, f> = sum_k fuse_k <word_j, P_k> (dropped k), ||f||^2 = fuse G fuse^T.
+        fuse_t = fuse.transpose(1, 2).unsqueeze(-1).to(mm_dtype)  # (V, N, T, 1)
+        tmp = torch.mul(dots_kept, fuse_t, out=_new(ws, "fuse_tmp", dots_kept.shape, mm_dtype, device))
+        f_num = tmp.sum(dim=1).to(real)  # (V, T, L)
+        del tmp
+        f_len = _quadratic_form(fuse, gram, mm_dtype, ws).clamp_min(0.0).sqrt()  # (V, T)
+        f_norm = f_len.clamp_min(NORM_EPS)
+        s_fuse = f_num.div_(f_norm.unsqueeze(-1))
+        dots_kept.mul_(keep.transpose(1, 2).unsqueeze(-1).to(mm_dtype))  # (V, N, T, L), zero at dropped patches
+        # <word_j, sum_k E_km keep_k P_k>: a GEMM per image.
+        w_t = weights.transpose(1, 2).contiguous()  # (V, M, N)
+        numer = torch.bmm(w_t.to(mm_dtype), dots_kept.reshape(n_img, n_patch, n_cap * n_word))
+        numer = numer.to(real).view(n_img, n_aggr, n_cap, n_word)
+        # softmax over the kept patches, w = E * keep / Z, and ||A||^2 = w G w^T.
+        total = torch.bmm(keep, weights)  # (V, T, M)
+        agg_w = _softmax_weights(w_t, keep, total, ws.get("agg_w", (n_img, n_cap, n_aggr, n_patch), real, device)
+                                 if ws is not None else None)
+        if with_proj:  # backward needs w G itself
+            proj = _new(ws, "proj", (n_img, n_cap, n_aggr, n_patch), mm_dtype, device)
+            torch.bmm(agg_w.view(n_img, n_cap * n_aggr, n_patch).to(mm_dtype), gram.to(mm_dtype),
+                      out=proj.view(n_img, n_cap * n_aggr, n_patch))
+            proj = proj.to(real)
+            sq = torch.matmul(proj.view(-1, 1, n_patch), agg_w.view(-1, n_patch, 1)).view(n_img, n_cap, n_aggr)
+        else:
+            proj = None
+            sq = _quadratic_form(agg_w.view(n_img, n_cap * n_aggr, n_patch), gram, mm_dtype, ws)
+            sq = sq.view(n_img, n_cap, n_aggr)
+        del agg_w
+        norm = sq.clamp_min(0.0).sqrt().clamp_min(NORM_EPS)
+        denom = total * norm
+        s_agg = numer.div_(denom.transpose(1, 2).unsqueeze(-1))  # (V, M, T, L)
+        rows = [s_agg, s_fuse.unsqueeze(1)]
+        s_cls = None
+        if n_cls:
+            s_cls = dots[:, 0].to(real) / cls_norm.view(n_img, 1, 1)  # (V, T, L)
+            rows.insert(0, s_cls.unsqueeze(1))
+        sim = torch.cat(rows, dim=1)  # (V, R, T, L)
+        act = F.leaky_relu(sim, LEAKY_SLOPE)
+        valid = _length_mask(lens.reshape(-1), n_word).view(*lens.shape, n_word)  # ([V,] T, L)
+        t2i_val, t2i_idx = act.max(dim=1)  # (V, T, L)
+        t2i = (t2i_val * valid).sum(-1) / lens
+        row_valid = valid if shared else valid.unsqueeze(1)
+        i2t_val, i2t_idx = act.masked_fill_(~row_valid, float("-inf")).max(dim=3)  # (V, R, T)
+        sims = t2i + i2t_val.mean(dim=1)
+    cache = {
+        "dots_kept": dots_kept, "proj": proj, "sq": sq, "norm": norm, "total": total, "denom": denom,
+        "s_agg": s_agg, "f_len": f_len, "f_norm": f_norm, "s_fuse": s_fuse, "sim": sim, "valid": valid,
+        "t2i_idx": t2i_idx, "i2t_idx": i2t_idx,
+    }
+    if s_cls is not None:
+        cache["s_cls"] = s_cls
+    return sims, cache
+
+
+def _quadratic_form(w: Tensor, gram: Tensor, mm_dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
+    """Row-wise ``w G w^T`` for ``w`` (V, R, N) and symmetric ``G`` (V, N, N): (V, R).
+
+    With ``G = [[A, B], [B^T, D]]`` and ``w = [u, v]``: ``u A u + 2 u B v + v D v``, which is
+    3/4 of the multiply-adds of ``(w G) . w``.
+    """
+    n_img, n_rows, n_patch = w.shape
+    half = n_patch // 2
+    real = w.dtype
+    u, v = w[..., :half], w[..., half:]
+    top = _new(ws, "qf_top", (n_img, n_rows, n_patch), mm_dtype, w.device)
+    torch.bmm(u.to(mm_dtype), gram[:, :half].to(mm_dtype), out=top)  # u [A, B]
+    low = _new(ws, "qf_low", (n_img, n_rows, n_patch - half), mm_dtype, w.device)
+    torch.bmm(v.to(mm_dtype), gram[:, half:, half:].to(mm_dtype), out=low)  # v D
+    top = top.to(real)
+    top[..., half:].mul_(2.0).add_(low.to(real))  # 2 u B + v D
+    return (top[..., :half] * u).sum(-1) + (top[..., half:] * v).sum(-1)
+
+
+def _softmax_weights(w_t: Tensor, keep: Tensor, total: Tensor, out: Tensor | None = None) -> Tensor:
+    """Aggregation weights ``E^T * keep / Z``: (V, M, N), (V, T, N), (V, T, M) -> (V, T, M, N)."""
+    if out is None:
+        out = torch.empty((w_t.shape[0], keep.shape[1], w_t.shape[1], w_t.shape[2]), dtype=w_t.dtype,
+                          device=w_t.device)
+    torch.mul(w_t.unsqueeze(1), keep.unsqueeze(2), out=out)
+    return out.div_(total.unsqueeze(-1))
+
+
+def _pair_backward(
+    grad: Tensor,
+    tokens: Tensor,
+    gram: Tensor,
+    weights: Tensor,
+    cls_norm: Tensor,
+    words: Tensor,
+    keep: Tensor,
+    fuse: Tensor,
+    lens: Tensor,
+    n_cls: int,
+    mm_dtype: torch.dtype,
+    c: dict[str, Tensor],
+    ws: _Workspace | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients wrt tokens, gram, weights, cls_norm and words of a block, given ``d loss / d sims``.
+
+    """
+    with torch.autocast(tokens.device.type, enabled=False):
+        n_img, n_tok, dim = tokens.shape
+        shared = words.dim() == 3
+        n_cap, n_word = words.shape[-3], words.shape[-2]
+        n_patch, n_aggr = weights.shape[1], weights.shape[2]
+        real, device = gram.dtype, tokens.device
+        sim = c["sim"]
+        n_rows = sim.shape[1]
+        g = grad.to(real)
+        # the two max-then-mean directions, then the leaky ReLU.
+        d_sim = torch.zeros_like(sim)
+        t2i_w = g.unsqueeze(-1) * c["valid"] / lens.unsqueeze(-1)  # (V, T, L)
+        d_sim.scatter_(1, c["t2i_idx"].unsqueeze(1), t2i_w.unsqueeze(1))
+        i2t_w = (g / n_rows).view(n_img, 1, n_cap, 1).expand(n_img, n_rows, n_cap, 1)
+        d_sim.scatter_add_(3, c["i2t_idx"].unsqueeze(-1), i2t_w)
+        d_sim = torch.ops.aten.leaky_relu_backward(d_sim, sim, LEAKY_SLOPE, False)
+
+        # aggregated rows: s = numer / (Z * ||A||).
+        total, norm, sq, denom = c["total"], c["norm"], c["sq"], c["denom"]
+        d_agg = d_sim[:, n_cls : n_cls + n_aggr]  # (V, M, T, L)
+        d_numer = d_agg / denom.transpose(1, 2).unsqueeze(-1)
+        d_denom = -(d_agg * c["s_agg"]).sum(-1).transpose(1, 2) / denom  # (V, T, M)
+        live = sq.clamp_min(0.0).sqrt() >= NORM_EPS
+        d_sq = torch.where(live, d_denom * total / (2.0 * norm), 0.0)
+        # Z cancels out of s while ||A|| is not clamped (s is homogeneous of degree 0 in E[:, m]).
+        d_total = torch.where(live, 0.0, d_denom * norm)
+        w_t = weights.transpose(1, 2).contiguous()  # (V, M, N)
+        shape = (n_img, n_cap, n_aggr, n_patch)
+        scaled = _softmax_weights(w_t, keep, total, _new(ws, "scaled", shape, real, device))
+        scaled.mul_(d_sq.unsqueeze(-1))  # w * d_sq
+        # d sq / d w = 2 w G = 2 proj; through w = E keep / Z: d E = 2 d_sq proj keep / Z = 2 proj scaled / E.
+        proj = torch.mul(c["proj"], scaled, out=_new(ws, "proj_scaled", shape, real, device))
+        d_w_t = proj.sum(dim=1).mul_(2.0).div_(w_t)  # (V, M, N)
+        del proj
+        d_weights = torch.baddbmm(d_w_t.transpose(1, 2), keep.transpose(1, 2), d_total)  # (V, N, M)
+        d_numer_mm = d_numer.view(n_img, n_aggr, n_cap * n_word).to(mm_dtype)
+        dots_kept = c["dots_kept"].reshape(n_img, n_patch, n_cap * n_word)
+        d_weights += torch.bmm(dots_kept, d_numer_mm.transpose(1, 2)).to(real)
+        agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
+        d_gram = torch.bmm(
+            scaled.view(n_img, n_cap * n_aggr, n_patch).transpose(1, 2).to(mm_dtype),
+            agg_w.view(n_img, n_cap * n_aggr, n_patch).to(mm_dtype),
+        ).to(real)
+        del scaled, agg_w
+
+        # word-token dots: d dots = keep * (E @ d numer), plus the [CLS] row.
+        d_kept = _new(ws, "d_kept", (n_img, n_patch, n_cap * n_word), mm_dtype, device)
+        torch.bmm(weights.to(mm_dtype), d_numer_mm, out=d_kept)
+        d_dots = _new(ws, "d_dots", (n_img, n_tok, n_cap, n_word), mm_dtype, device)
+        torch.mul(d_kept.view(n_img, n_patch, n_cap, n_word), keep.transpose(1, 2).unsqueeze(-1).to(mm_dtype),
+                  out=d_dots[:, n_cls:])
+        del d_kept
+        d_cls_norm = torch.zeros_like(cls_norm)
+        if n_cls:
+            d_cls_row = d_sim[:, 0]  # (V, T, L)
+            d_dots[:, 0] = d_cls_row / cls_norm.view(n_img, 1, 1)
+            d_cls_norm = -(d_cls_row * c["s_cls"]).sum(dim=(1, 2)).unsqueeze(-1) / cls_norm
+
+        # fusion row: s = (fuse . dots) / ||f||, ||f||^2 = fuse G fuse^T.
+        f_norm = c["f_norm"]
+        d_fuse_row = d_sim[:, n_cls + n_aggr]  # (V, T, L)
+        d_f_num = d_fuse_row / f_norm.unsqueeze(-1)
+        d_f_norm = -(d_fuse_row * c["s_fuse"]).sum(-1) / f_norm  # (V, T)
+        d_f_sq = torch.where(c["f_len"] >= NORM_EPS, d_f_norm / (2.0 * f_norm), 0.0)
+        d_dots[:, n_cls:].addcmul_(fuse.transpose(1, 2).unsqueeze(-1).to(mm_dtype), d_f_num.unsqueeze(1).to(mm_dtype))
+        fuse_mm = fuse.to(mm_dtype)
+        d_gram += torch.bmm((fuse * d_f_sq.unsqueeze(-1)).transpose(1, 2).to(mm_dtype), fuse_mm).to(real)
+
+        wrd = words.to(mm_dtype)
+        tok = tokens.to(mm_dtype)
+        if shared:
+            flat = d_dots.view(n_img * n_tok, n_cap * n_word)
+            d_tokens = torch.mm(flat, wrd.reshape(n_cap * n_word, dim)).to(real).view(n_img, n_tok, dim)
+            d_words = torch.mm(flat.t(), tok.reshape(n_img * n_tok, dim)).to(real).view_as(words)
+        else:
+            flat = d_dots.view(n_img, n_tok, n_cap * n_word)
+            d_tokens = torch.bmm(flat, wrd.reshape(n_img, n_cap * n_word, dim)).to(real)
+            d_words = torch.bmm(flat.transpose(1, 2), tok).to(real).view_as(words)
+    return d_tokens, d_gram, d_weights, d_cls_norm, d_words
+
+
+class _PairScores(torch.autograd.Function):
+    """All-pairs similarities with a hand-written, block-by-block backward.
+
+    Inputs with gradients: tokens (V, L_v, C), gram (V, N, N), weights (V, N, M), cls_norm
+    (V, R_c), words (T, L, C). Outputs: sims (V, T) and the keep mask (V, T, N) (or None).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        tokens: Tensor,
+        gram: Tensor,
+        weights: Tensor,
+        cls_norm: Tensor,
+        words: Tensor,
+        lens: Tensor,
+        patches_n: Tensor,
+        salience: Tensor,
+        query: Tensor,
+        config: _ScoreConfig,
+    ) -> tuple[Tensor, Tensor | None]:
+        sims, mask, state = _score_blocks(
+            tokens, gram, weights, cls_norm, words, lens, patches_n, salience, query, config, save=True
+        )
+        ctx.save_for_backward(tokens, gram, weights, cls_norm, words)
+        ctx.state, ctx.config = state, config
+        if mask is not None:
+            ctx.mark_non_differentiable(mask)
+        return sims, mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_mask: Tensor | None):  # type: ignore[override]
+        tokens, gram, weights, cls_norm, words = ctx.saved_tensors
+        state, config = ctx.state, ctx.config
+        order, lens_s, words_s = state["order"], state["lens_s"], state["words_s"]
+        keep_s, fuse_s = state["keep_s"], state["fuse_s"]
+        grad_s = grad.to(gram.dtype).index_select(1, order)
+        acc = _GradAccumulator(tokens, gram, weights, cls_norm, words_s)
+        ws = _Workspace()
+        nonzero = grad_s != 0
+        dense_cost = sum(
+            (v1 - v0) * (t1 - t0) * (1 if cache is not None else 2)
+            for (v0, v1, t0, t1, _), cache in zip(state["plan"], state["caches"])
+        )
+        groups = _sparse_groups(nonzero, config.block_pairs)
+        sparse_cost = 2 * sum(rows.numel() * slots.shape[1] for rows, slots in groups)
+        config.feedback["sparse"] = sparse_cost < nonzero.numel()
+        if sparse_cost < dense_cost:
+            # Few pairs carry a gradient (e.g. hardest negatives): recompute just those, per image.
+            for rows, slots in groups:
+                width = int(lens_s[slots].max())
+                args = (
+                    tokens[rows], gram[rows], weights[rows], cls_norm[rows], words_s[slots, :width],
+                    keep_s[rows.unsqueeze(1), slots], fuse_s[rows.unsqueeze(1), slots], lens_s[slots],
+                    config.n_cls, config.mm_dtype,
+                )
+                with torch.no_grad():
+                    cache = _pair_forward(*args, ws=ws)[1]
+                grads = _pair_backward(grad_s[rows.unsqueeze(1), slots], *args, cache, ws=ws)
+                acc.add_rows(rows, slots, width, grads)
+        else:
+            for (v0, v1, t0, t1, width), cache in zip(state["plan"], state["caches"]):
+                block_grad = grad_s[v0:v1, t0:t1]
+                if not bool(nonzero[v0:v1, t0:t1].any()):
+                    continue
+                args = (
+                    tokens[v0:v1], gram[v0:v1], weights[v0:v1], cls_norm[v0:v1], words_s[t0:t1, :width],
+                    keep_s[v0:v1, t0:t1], fuse_s[v0:v1, t0:t1], lens_s[t0:t1], config.n_cls, config.mm_dtype,
+                )
+                if cache is None:
+                    with torch.no_grad():
+                        cache = _pair_forward(*args, ws=ws)[1]
+                acc.add_block(v0, v1, t0, t1, width, _pair_backward(block_grad, *args, cache, ws=ws))
+        d_words = torch.empty_like(acc.words).index_copy_(0, order, acc.words)
+        return (
+            acc.tokens.to(tokens.dtype), acc.gram, acc.weights, acc.cls_norm, d_words.to(words.dtype),
+            None, None, None, None, None,
+        )
+
+
+class _Gram(torch.autograd.Function):
+    """``P P^T`` for ``P`` (V, N, C), with a backward of one GEMM: ``(dG + dG^T) P``."""
+
+    @staticmethod
+    def forward(ctx, patches: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(patches)
+        return torch.bmm(patches, patches.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (patches,) = ctx.saved_tensors
+        return torch.bmm(grad + grad.transpose(1, 2), patches)
+
+
+class _GradAccumulator:
+    """Full-size fp32 gradient buffers that blocks of pairs add into."""
+
+    def __init__(self, tokens: Tensor, gram: Tensor, weights: Tensor, cls_norm: Tensor, words: Tensor) -> None:
+        self.tokens = torch.zeros(tokens.shape, dtype=gram.dtype, device=tokens.device)
+        self.gram = torch.zeros_like(gram)
+        self.weights = torch.zeros_like(weights)
+        self.cls_norm = torch.zeros_like(cls_norm)
+        self.words = torch.zeros_like(words)
+
+    def add_block(self, v0: int, v1: int, t0: int, t1: int, width: int, grads: tuple[Tensor, ...]) -> None:
+        d_tok, d_gram, d_w, d_cls, d_words = grads
+        self.tokens[v0:v1] += d_tok
+        self.gram[v0:v1] += d_gram
+        self.weights[v0:v1] += d_w
+        self.cls_norm[v0:v1] += d_cls
+        self.words[t0:t1, :width] += d_words
+
+    def add_rows(self, rows: Tensor, slots: Tensor, width: int, grads: tuple[Tensor, ...]) -> None:
+        d_tok, d_gram, d_w, d_cls, d_words = grads
+        self.tokens.index_add_(0, rows, d_tok)
+        self.gram.index_add_(0, rows, d_gram)
+        self.weights.index_add_(0, rows, d_w)
+        self.cls_norm.index_add_(0, rows, d_cls)
+        self.words[:, :width].index_add_(0, slots.reshape(-1), d_words.reshape(-1, width, d_words.shape[-1]))
+
+
+def _sparse_groups(nonzero: Tensor, block_pairs: int) -> list[tuple[Tensor, Tensor]]:
+    """Images with a nonzero gradient for some caption, grouped with their captions.
+
+    ``nonzero`` is (V, T) bool. Returns ``(rows, slots)`` pairs: image indices (V_g,) and, per
+    image, ``S_g`` caption indices (V_g, S_g) listing its nonzero captions first (then captions
+    with zero gradient as padding, which add nothing). Images are grouped by their count so that
+    padding stays small, with at most ``block_pairs`` pairs per group.
+    """
+    counts = nonzero.sum(dim=1)
+    by_count = torch.argsort(counts, descending=True, stable=True)
+    sorted_counts = counts.index_select(0, by_count).tolist()
+    # nonzero captions first in every row (stable, so in caption order)
+    ranked = torch.argsort((~nonzero).to(torch.uint8), dim=1, stable=True)
+    groups, start = [], 0
+    n_rows = len(sorted_counts)
+    while start < n_rows and sorted_counts[start] > 0:
+        n_slots = sorted_counts[start]
+        limit = min(n_rows, start + max(1, block_pairs // n_slots))
+        stop = start + 1
+        # a new group once padding to n_slots would waste more than a quarter of a row
+        while stop < limit and 4 * sorted_counts[stop] >= 3 * n_slots:
+            stop += 1
+        rows = by_count[start:stop]
+        groups.append((rows, ranked.index_select(0, rows)[:, :n_slots]))
+        start = stop
+    return groups
