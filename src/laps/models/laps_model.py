@@ -17,6 +17,9 @@ class LAPSModel(nn.Module):
         sparse_ratio: fraction of patches kept by the head.
         aggr_ratio: aggregated tokens as a fraction of the kept ones.
         chunk_pairs: image-caption pairs scored at once by the head (bounds memory).
+        selection: ``topk`` (the official hard selection) or ``gumbel`` (the paper's learned decision).
+        attention_weight: with ``gumbel``, the weight of the attention scores against the prediction.
+        gumbel_tau: with ``gumbel``, the Gumbel-softmax temperature.
     """
 
     def __init__(
@@ -26,6 +29,9 @@ class LAPSModel(nn.Module):
         sparse_ratio: float = 0.5,
         aggr_ratio: float = 0.4,
         chunk_pairs: int = 2048,
+        selection: str = "topk",
+        attention_weight: float = 0.8,
+        gumbel_tau: float = 1.0,
     ) -> None:
         super().__init__()
         if vision.embed_size != text.embed_size:
@@ -41,6 +47,9 @@ class LAPSModel(nn.Module):
             aggr_ratio=aggr_ratio,
             has_cls=vision.has_cls,
             chunk_pairs=chunk_pairs,
+            selection=selection,
+            attention_weight=attention_weight,
+            gumbel_tau=gumbel_tau,
         )
 
     @property

@@ -51,6 +51,8 @@ class LAPSLitModule(LightningModule):
         max_nonfinite_steps: consecutive skipped steps (NaN/Inf loss or gradient) before stopping.
         eval_image_block: images per scoring step in validation and test.
         save_sims: write the test similarity matrix as ``sims_{split}.pt`` in the run directory.
+        selection, attention_weight, gumbel_tau: the head's patch selection (``model.selection``);
+            the head is built with them (``net``), they are recorded here and checked to agree.
     """
 
     def __init__(
@@ -66,9 +68,18 @@ class LAPSLitModule(LightningModule):
         max_nonfinite_steps: int = 10,
         eval_image_block: int = 128,
         save_sims: bool = False,
+        selection: str = "topk",
+        attention_weight: float = 0.8,
+        gumbel_tau: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        head = net.head
+        if (head.selection, head.attention_weight, head.gumbel_tau) != (selection, attention_weight, gumbel_tau):
+            raise ValueError(
+                f"model.selection={selection!r} (attention_weight={attention_weight}, gumbel_tau={gumbel_tau}) "
+                f"disagrees with the head's {head.selection!r}: set them through model.selection, not model.net"
+            )
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

@@ -1,0 +1,130 @@
+"""The paper's differentiable patch selection (``model.selection=gumbel``), which the release left out.
+
+The paper describes it in words only; this is the definition implemented here
+(``docs/algorithm.md`` repeats it):
+
+* a score-aware prediction network over each patch, ``LayerNorm -> Linear(C, C/4) -> GELU ->
+  Linear(C/4, 2) -> log_softmax``, gives the keep probability ``p_i`` (caption-independent);
+* the text-relevance and salience scores of the top-k path (no gradient), each min-max
+  normalised over the image's patches, are mixed in:
+  ``s_i = (1 - w) * p_i + w * (s_txt_i + s_img_i) / 2`` with ``w = attention_weight``;
+* training: a Gumbel-softmax over the keep/drop logits ``(log s_i, log(1 - s_i))`` with
+  temperature ``tau`` and straight-through hard decisions, so the decision is 0/1 in the
+  forward pass and differentiable in the backward pass (at least one patch is always kept);
+* inference: the top ``ceil(N * sparse_ratio)`` patches by ``s``;
+* the decision enters the head multiplicatively: the aggregation softmax runs over kept patches
+  (``exp(logit) * keep``), the fusion token over dropped ones with ``softmax(s)`` weights times
+  ``1 - keep``; the ratio loss ``(mean(keep) - sparse_ratio)^2`` then has a gradient.
+
+This path materialises per-pair tensors (it needs autograd through the decision), so it is
+slower and hungrier than the default top-k head; chunks of captions are checkpointed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+LEAKY_SLOPE = 0.1
+EPS = 1e-6
+
+
+class ScorePredictor(nn.Module):
+    """Per-patch keep probability: ``(..., N, C)`` -> ``(..., N)`` in (0, 1)."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        hidden = max(1, embed_dim // 4)
+        self.net = nn.Sequential(
+            nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 2)
+        )
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return torch.log_softmax(self.net(patches).float(), dim=-1)[..., 0].exp()
+
+
+def _minmax(x: Tensor) -> Tensor:
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(EPS)
+
+
+def decision_scores(p: Tensor, s_txt: Tensor, s_img: Tensor, attention_weight: float) -> Tensor:
+    """``s`` ``(B_v, B_t, N)`` from ``p`` ``(B_v, N)``, ``s_txt`` ``(B_v, B_t, N)``, ``s_img`` ``(B_v, N)``."""
+    attention = (_minmax(s_txt) + _minmax(s_img).unsqueeze(1)) / 2
+    return (1 - attention_weight) * p.unsqueeze(1) + attention_weight * attention
+
+
+def decide(s: Tensor, num_keep: int, tau: float, training: bool) -> Tensor:
+    """Keep decisions ``(B_v, B_t, N)`` in {0, 1}: straight-through Gumbel in training, top-k otherwise."""
+    if not training:
+        kept = s.topk(num_keep, dim=-1).indices
+        return torch.zeros_like(s).scatter_(-1, kept, 1.0)
+    s = s.clamp(EPS, 1 - EPS)
+    logits = torch.stack([s.log(), (1 - s).log()], dim=-1)
+    keep = F.gumbel_softmax(logits, tau=tau, hard=True)[..., 0]
+    # A pair that would keep nothing keeps its best patch (the aggregation needs one).
+    empty = keep.detach().sum(-1, keepdim=True) == 0
+    best = torch.zeros_like(s).scatter_(-1, s.argmax(-1, keepdim=True), 1.0)
+    return torch.where(empty, best, keep)
+
+
+def gumbel_similarity(head, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor) -> tuple[Tensor, Tensor]:
+    """Similarities ``(B_v, B_t)`` and keep decisions ``(B_v, B_t, N)`` with the Gumbel selection.
+
+    ``head`` is a :class:`~laps.models.head.LAPSHead` built with ``selection="gumbel"``.
+    """
+    n_cls = int(head.has_cls)
+    cls, patches = img_embs[:, :n_cls], img_embs[:, n_cls:]
+    p32 = patches.float()
+    patches_n = F.normalize(p32, dim=-1)
+    with torch.no_grad():
+        s_img = torch.einsum("vnc,vc->vn", patches_n, F.normalize(p32.mean(1), dim=-1))
+        valid = torch.arange(cap_embs.shape[1], device=cap_lens.device)[None] < cap_lens[:, None]
+        query = F.normalize((cap_embs.float() * valid.unsqueeze(-1)).sum(1) / cap_lens[:, None], dim=-1)
+    p = head.predictor(patches)
+    logits = head.aggregation(patches).float()  # (B_v, N, M)
+    words_n = F.normalize(cap_embs.float(), dim=-1)
+    step = max(1, head.chunk_pairs // max(img_embs.shape[0], 1))
+    sims, keeps = [], []
+    for t0 in range(0, cap_embs.shape[0], step):
+        args = (p32, patches_n, s_img, p, logits, cls.float(), words_n[t0 : t0 + step],
+                cap_lens[t0 : t0 + step], query[t0 : t0 + step])
+        fn = lambda *a: _block(head, *a)  # noqa: E731 - closes over the head for checkpoint
+        if torch.is_grad_enabled():
+            out, keep = checkpoint(fn, *args, use_reentrant=False)
+        else:
+            out, keep = fn(*args)
+        sims.append(out)
+        keeps.append(keep)
+    return torch.cat(sims, dim=1), torch.cat(keeps, dim=1)
+
+
+def _block(head, patches, patches_n, s_img, p, logits, cls, words_n, lens, query) -> tuple[Tensor, Tensor]:
+    n_img, _, dim = patches.shape
+    n_cap = words_n.shape[0]
+    with torch.no_grad():
+        s_txt = torch.einsum("vnc,tc->vtn", patches_n, query)
+    s = decision_scores(p, s_txt, s_img, head.attention_weight)
+    keep = decide(s, head.num_keep, head.gumbel_tau, head.training)  # (B_v, b_t, N)
+
+    weights = torch.exp(logits - logits.amax(dim=1, keepdim=True).detach())  # (B_v, N, M)
+    agg = weights.unsqueeze(1) * keep.unsqueeze(-1)  # (B_v, b_t, N, M)
+    agg = agg / agg.sum(dim=2, keepdim=True).clamp_min(1e-30)
+    drop = 1 - keep
+    fuse = torch.exp(s - s.amax(-1, keepdim=True).detach()) * drop
+    fuse = fuse / fuse.sum(-1, keepdim=True).clamp_min(1e-30)  # zeros when nothing is dropped
+    mix = torch.cat([agg.transpose(2, 3), fuse.unsqueeze(2)], dim=2)  # (B_v, b_t, M+1, N)
+    rows = torch.bmm(mix.reshape(n_img, -1, patches.shape[1]), patches).reshape(n_img, n_cap, -1, dim)
+    if cls.shape[1]:
+        rows = torch.cat([cls.unsqueeze(1).expand(-1, n_cap, -1, -1), rows], dim=2)
+    rows_n = F.normalize(rows, dim=-1)
+    align = torch.einsum("vtrc,twc->tvrw", rows_n, words_n)
+    align = F.leaky_relu(align, LEAKY_SLOPE)  # (b_t, B_v, R, L_t)
+    valid = (torch.arange(words_n.shape[1], device=lens.device)[None] < lens[:, None])[:, None, None, :]
+    t2i = align.masked_fill(~valid, float("-inf")).amax(dim=2).masked_fill(~valid[:, :, 0], 0.0).sum(-1)
+    t2i = t2i / lens.to(align.dtype)[:, None]
+    i2t = align.masked_fill(~valid, float("-inf")).amax(dim=3).mean(-1)
+    return (t2i + i2t).transpose(0, 1), keep
