@@ -50,7 +50,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = build_module(run_cfg, datamodule.vocab_size)
     module.load_state_dict(checkpoint["state_dict"])
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
-    trainer.test(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
     if trainer.is_global_zero:
         metrics_table(metrics, f"{datamodule.name} {datamodule.splits['test']} ({datamodule.protocol} protocol)")

@@ -107,7 +107,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if best:
             log.info("testing the best checkpoint (val/rsum): %s", best)
             resolve_ckpt(best, cfg.paths.output_dir)
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
         metrics.update(test)
         if trainer.is_global_zero:
