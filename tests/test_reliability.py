@@ -110,6 +110,9 @@ def test_bad_image_skip_logs_each_once_counts_and_keeps_pairs(make_cfg, copy_set
 
     # Evaluation transform for training too (test only), so each batch image can be checked against its file.
     monkeypatch.setattr(datasets, "_default_transform", lambda size, train: _eval_transform(size))
+    from laps.data import datamodule as datamodule_module
+
+    monkeypatch.setattr(datamodule_module, "build_transform", lambda size, train, mean=None, std=None: _eval_transform(size))
     root, ds = copy_set()
     cfg = make_cfg([*ds, *BASE, "dataset.on_bad_image=skip", "+trainer.limit_train_batches=4",
                     "+trainer.limit_val_batches=1"])
