@@ -140,8 +140,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         from laps.compat.serialization import safe_load
 
-        if weights_only is False:
-            log.warning("weights_only=False ignored: %s is loaded with the allow-list (weights_only=True)", path)
+        if weights_only is not None and not weights_only:
+            log.warning("a full unpickling of %s was asked for: refused, it is loaded with the allow-list", path)
         if not _is_local_file_protocol(path):
             raise ValueError(f"{path}: only local checkpoint files are loaded (copy it to a local disk first)")
         return safe_load(path)
@@ -196,7 +196,7 @@ class LastCheckpoint(Checkpoint):
         return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
 
     def save(self, trainer: Any) -> None:
-        trainer.save_checkpoint(str(self.path), weights_only=False)  # everything needed to resume
+        trainer.save_checkpoint(str(self.path))  # the full state (optimizer, loops, RNG): everything to resume
         self._last_step_saved = trainer.global_step
         log.debug("saved %s at step %d", self.path, trainer.global_step)
 
