@@ -288,7 +288,8 @@ class LAPSHead(nn.Module):
                 salience = torch.bmm(patches_n, glob.unsqueeze(-1)).squeeze(-1)
             gram = _Gram.apply(p32)
             cls_norm = img_embs[:, :n_cls].to(real).norm(dim=-1).clamp_min(NORM_EPS)
-        logits = self.aggregation(patches)
+        # On all tokens (a contiguous input; the [CLS] row is dropped after): the MLP acts token-wise.
+        logits = self.aggregation(img_embs)[:, n_cls:]
         with torch.autocast(device_type, enabled=False):
             logits = logits.to(real)
             shifted = logits - logits.detach().amax(dim=1, keepdim=True)
@@ -567,7 +568,7 @@ def _pair_forward(
             torch.bmm(agg_w.view(n_img, n_cap * n_aggr, n_patch).to(mm_dtype), gram.to(mm_dtype),
                       out=proj.view(n_img, n_cap * n_aggr, n_patch))
             proj = proj.to(real)
-            sq = torch.matmul(proj.view(-1, 1, n_patch), agg_w.view(-1, n_patch, 1)).view(n_img, n_cap, n_aggr)
+            sq = _rowdot(proj, agg_w)  # (V, T, M)
         else:
             proj = None
             sq = _quadratic_form(agg_w.view(n_img, n_cap * n_aggr, n_patch), gram, mm_dtype, ws)
@@ -614,8 +615,14 @@ def _quadratic_form(w: Tensor, gram: Tensor, mm_dtype: torch.dtype, ws: _Workspa
     low = _new(ws, "qf_low", (n_img, n_rows, n_patch - half), mm_dtype, w.device)
     torch.bmm(v.to(mm_dtype), gram[:, half:, half:].to(mm_dtype), out=low)  # v D
     top = top.to(real)
-    top[..., half:].mul_(2.0).add_(low.to(real))  # 2 u B + v D
-    return (top[..., :half] * u).sum(-1) + (top[..., half:] * v).sum(-1)
+    top[..., half:].mul_(2.0).add_(low.to(real))  # [u A, 2 u B + v D]
+    return _rowdot(top, w)
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products of ``(..., R, N)`` tensors, as one batched GEMM (no temporary)."""
+    n = a.shape[-1]
+    return torch.matmul(a.reshape(-1, 1, n), b.reshape(-1, n, 1)).view(a.shape[:-1])
 
 
 def _softmax_weights(w_t: Tensor, keep: Tensor, total: Tensor, out: Tensor | None = None) -> Tensor:
