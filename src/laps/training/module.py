@@ -148,7 +148,8 @@ class LAPSLitModule(LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are already averaged across ranks here, so every rank takes the same decision.
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        # one device-to-host sync per step, not one per parameter
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if finite:
             self._nonfinite_in_a_row = 0
             return
