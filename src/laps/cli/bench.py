@@ -175,8 +175,8 @@ def bench_head_train(args: argparse.Namespace, device: torch.device) -> dict[str
     head = build_head(args, device)
     img, cap, lens = make_embeddings(args.batch, args.batch, args, device, args.seed)
     out: dict[str, Any] = {"batch": args.batch, "pairs": args.batch**2}
+    amp = args.autocast == "bf16"
     for loss in LOSSES:
-        amp = args.autocast == "bf16"
         fns = {"head": lambda loss=loss: head_step("head", head, img, cap, lens, loss, amp)}
         if args.reference:
             fns["reference"] = lambda loss=loss: head_step("reference", head, img, cap, lens, loss, amp)

@@ -25,7 +25,7 @@ def _select(
     patches: Tensor, salience: Tensor, relevance: Tensor, num_keep: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Official ``TokenSparse``: kept tokens ``(B_v, K, C)``, fusion token ``(B_v, 1, C)``, mask ``(B_v, N)``."""
-    n_img, n_patch, dim = patches.shape
+    dim = patches.shape[-1]
     score = salience + relevance
     score_sort, score_index = torch.sort(score, dim=1, descending=True)
     keep_policy = score_index[:, :num_keep]
