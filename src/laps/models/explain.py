@@ -54,22 +54,9 @@ def explain_pair(head: LAPSHead, img_embs: Tensor, cap_embs: Tensor, cap_lens: T
           if any, the ``M`` aggregated tokens, the fusion token) with the words (zeros past a
           caption's length).
     """
-    if img_embs.dim() != 3 or cap_embs.dim() != 3:
-        raise ValueError(
-            f"img_embs and cap_embs must be 3-d (B, L, C), got {tuple(img_embs.shape)} and {tuple(cap_embs.shape)}"
-        )
+    lens = head._check_inputs(img_embs, cap_embs, cap_lens)  # the head's own validation, one place
     n_cls = int(head.has_cls)
     n_patch, n_keep = int(head.num_patches), int(head.num_keep)
-    if img_embs.shape[1] != n_patch + n_cls:
-        raise ValueError(
-            f"img_embs has {img_embs.shape[1]} tokens; the head expects {n_patch} patches"
-            f"{' + 1 [CLS]' if n_cls else ''}"
-        )
-    lens = torch.as_tensor(cap_lens, device=cap_embs.device).long().reshape(-1)
-    if lens.numel() != cap_embs.shape[0]:
-        raise ValueError(f"cap_lens has {lens.numel()} entries for {cap_embs.shape[0]} captions")
-    if lens.numel() and (int(lens.min()) < 1 or int(lens.max()) > cap_embs.shape[1]):
-        raise ValueError(f"cap_lens must lie in [1, {cap_embs.shape[1]}]")
 
     with torch.autocast(img_embs.device.type, enabled=False):
         tokens = img_embs.float()
