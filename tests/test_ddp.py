@@ -9,6 +9,7 @@ The trainers come from the ``trainer=ddp_sim`` config with ``strategy=ddp_spawn`
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,16 @@ def _grads(module: LightningModule, trainer_overrides: list[str], batch_size: in
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=FixedPairs.collate)
     trainer = instantiate(cfg.trainer, callbacks=[GradCapture(out)], limit_val_batches=0, **QUIET)
     assert trainer.gradient_clip_val == 2.0  # the recipe's clipping stays on: it acts after the capture
-    trainer.fit(module, train_dataloaders=loader)
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    except torch.multiprocessing.ProcessExitedException as err:
+        # A spawned rank occasionally aborts in C++ thread teardown at exit ("terminate called
+        # without an active exception"), after its step is done. The gradients it captured are
+        # complete then; anything earlier is a real failure.
+        world = trainer.world_size
+        if not all((out / f"grads_rank{r}_of{world}.pt").is_file() for r in range(world)):
+            raise
+        warnings.warn(f"a rank aborted at exit after the captured step: {err}", stacklevel=1)
     return trainer
 
 
