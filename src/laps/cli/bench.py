@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", choices=["f30k", "uniform"], default="f30k",
                    help="caption lengths: F30K test's distribution (mean 15.5 tokens), or uniform in "
                    "[--min-words, --words] (default f30k)")
-    p.add_argument("--chunk-pairs", type=int, default=2048, help="the head's chunk_pairs (default 2048)")
+    p.add_argument("--chunk-pairs", type=int, default=None,
+                   help="the head's chunk_pairs (default: blocks sized by memory)")
     p.add_argument("--autocast", choices=["off", "bf16"], default="off",
                    help="bf16 autocast around head and reference in the head and scoring measurements "
                    "(the full training step always uses bf16 on CUDA)")
@@ -486,7 +487,7 @@ def resolve_args(args: argparse.Namespace, device: torch.device) -> argparse.Nam
         args.reference_captions = min(500, args.score_captions)
     for name in ("batch", "tokens", "dim", "words", "min_words", "score_images", "score_captions",
                  "memory_batch", "chunk_pairs", "image_block"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.min_words > args.words:
         raise ValueError(f"--min-words ({args.min_words}) must not exceed --words ({args.words})")

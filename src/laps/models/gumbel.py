@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from laps.models.head import block_pairs
+
 LEAKY_SLOPE = 0.1
 EPS = 1e-6
 
@@ -87,7 +89,9 @@ def gumbel_similarity(head, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor
     p = head.predictor(patches)
     logits = head.aggregation(patches).float()  # (B_v, N, M)
     words_n = F.normalize(cap_embs.float(), dim=-1)
-    step = max(1, head.chunk_pairs // max(img_embs.shape[0], 1))
+    n_rows = head.num_aggregated + 1 + n_cls
+    pair_bytes = (n_rows * (patches.shape[2] + words_n.shape[1]) + head.num_aggregated * patches.shape[1]) * 4
+    step = max(1, block_pairs(head.chunk_pairs, img_embs.device.type, pair_bytes) // max(img_embs.shape[0], 1))
     sims, keeps = [], []
     for t0 in range(0, cap_embs.shape[0], step):
         args = (p32, patches_n, s_img, p, logits, cls.float(), words_n[t0 : t0 + step],

@@ -106,7 +106,9 @@ class LAPSHead(nn.Module):
         aggr_ratio: aggregated tokens ``M = int(N * aggr_ratio * sparse_ratio)``.
         has_cls: whether token 0 of the image tokens is a [CLS] token.
         chunk_pairs: image-caption pairs scored at once (a block); bounds the working memory of
-            forward and backward (on CPU blocks are also capped at :data:`CPU_BLOCK_PAIRS`).
+            forward and backward. ``None`` (the default) sizes blocks by memory instead: the largest
+            temporary of a block stays near :data:`BLOCK_BYTES` of its device type. On CPU blocks
+            never exceed that size, also with a larger ``chunk_pairs``.
         max_saved_mb: in training, the intermediates kept from forward to backward, in MiB. Blocks
             beyond it are recomputed in backward instead, so memory stays bounded by this plus one
             block; 0 recomputes every block.
@@ -125,7 +127,7 @@ class LAPSHead(nn.Module):
         sparse_ratio: float = 0.5,
         aggr_ratio: float = 0.4,
         has_cls: bool = True,
-        chunk_pairs: int = 2048,
+        chunk_pairs: int | None = None,
         max_saved_mb: float = 1024.0,
         selection: str = "topk",
         attention_weight: float = 0.8,
@@ -141,7 +143,7 @@ class LAPSHead(nn.Module):
             raise ValueError(f"gumbel_tau must be positive, got {gumbel_tau}")
         if embed_dim < 1:
             raise ValueError(f"embed_dim must be positive, got {embed_dim}")
-        if chunk_pairs < 1:
+        if chunk_pairs is not None and chunk_pairs < 1:
             raise ValueError(f"chunk_pairs must be positive, got {chunk_pairs}")
         if not max_saved_mb >= 0:
             raise ValueError(f"max_saved_mb must be >= 0, got {max_saved_mb}")
@@ -253,7 +255,10 @@ class LAPSHead(nn.Module):
             n_cls=int(self.has_cls),
             num_keep=self.num_keep,
             mm_dtype=_matmul_dtype(tokens.device.type, image["gram"].dtype),
-            block_pairs=_block_pairs(self.chunk_pairs, tokens.device.type),
+            block_pairs=block_pairs(
+                self.chunk_pairs, tokens.device.type, _pair_bytes(tokens.shape[1], words.shape[1], self.num_aggregated,
+                                                                  self.num_patches, image["gram"].dtype)
+            ),
             max_saved_bytes=0 if self._grad_feedback["sparse"] else int(self.max_saved_mb * 2**20),
             feedback=self._grad_feedback,
             return_mask=return_mask,
@@ -323,10 +328,12 @@ class LAPSHead(nn.Module):
 
 
 # ---------------------------------------------------------------------- scoring blocks of pairs
-# On CPU, blocks of about this many pairs keep each temporary near 16 MB, within the last-level
-# cache, while the GEMMs stay large; temporaries are reused from block to block (_Workspace),
-# since page-faulting fresh memory costs more than the element-wise arithmetic on it.
-CPU_BLOCK_PAIRS = 512
+# Bytes of the largest temporary of a block of pairs, by device type. On CPU about the last-level
+# cache (ViT-B/16 shapes: about 500 pairs), so that GEMMs stay large while the temporaries, reused
+# from block to block (_Workspace), stay warm: page-faulting fresh memory costs more than the
+# element-wise arithmetic on it. Elsewhere larger blocks mean fewer kernel launches.
+BLOCK_BYTES = {"cpu": 16 * 2**20}
+DEFAULT_BLOCK_BYTES = 256 * 2**20
 # Captions whose patch selection is computed in one go, against all images of the call.
 SELECT_CAPTIONS = 64
 
@@ -353,12 +360,21 @@ def _matmul_dtype(device_type: str, real: torch.dtype) -> torch.dtype:
     return real
 
 
-def _block_pairs(chunk_pairs: int, device_type: str) -> int:
-    """Pairs per block: ``chunk_pairs``, capped on CPU at :data:`CPU_BLOCK_PAIRS`."""
-    return min(chunk_pairs, CPU_BLOCK_PAIRS) if device_type == "cpu" else chunk_pairs
+def _pair_bytes(n_tok: int, n_word: int, n_aggr: int, n_patch: int, real: torch.dtype) -> int:
+    """Bytes per pair of a block's largest temporaries: word-token dots and aggregation weights."""
+    return max(n_tok * n_word, n_aggr * n_patch) * real.itemsize
 
 
-def _plan_blocks(n_img: int, n_cap: int, block_pairs: int, device_type: str = "cpu") -> list[tuple[int, int, int, int]]:
+def block_pairs(chunk_pairs: int | None, device_type: str, pair_bytes: int) -> int:
+    """Pairs per block: ``chunk_pairs`` when given (on CPU at most the memory budget), else the
+    budget of :data:`BLOCK_BYTES` for pairs of ``pair_bytes``."""
+    budget = max(1, BLOCK_BYTES.get(device_type, DEFAULT_BLOCK_BYTES) // max(pair_bytes, 1))
+    if chunk_pairs is None:
+        return budget
+    return min(chunk_pairs, budget) if device_type == "cpu" else chunk_pairs
+
+
+def _plan_blocks(n_img: int, n_cap: int, block_pairs: int, device_type: str) -> list[tuple[int, int, int, int]]:
     """``(v0, v1, t0, t1)`` blocks of at most ``block_pairs`` pairs, covering images x captions.
 
     On CPU captions (sorted by length) go 8 to a block: few enough that a block is padded only to
@@ -470,6 +486,9 @@ def _score_blocks(
     fuse_all = tokens.new_empty(n_img, n_cap, n_patch, dtype=real) if save else None
     plan, caches, saved = [], [], 0
     ws = _Workspace()
+    with torch.no_grad():
+        gram_split = _split_gram(gram)
+        weights_t = weights.transpose(1, 2).contiguous()
     blocks = _plan_blocks(n_img, n_cap, config.block_pairs, tokens.device.type)
     # Selection for all images and a run of captions at once (a wide GEMM instead of thin ones).
     span = blocks[0][3] - blocks[0][2]
@@ -492,6 +511,7 @@ def _score_blocks(
             tokens[v0:v1], gram[v0:v1], weights[v0:v1], cls_norm[v0:v1], words_s[t0:t1, :width],
             sel.keep[v0:v1, a:b], sel.fuse[v0:v1, a:b], lens_s[t0:t1], config.n_cls, config.mm_dtype,
             ws=None if keep_cache else ws, with_proj=keep_cache,
+            gram_split=(gram_split[0][v0:v1], gram_split[1][v0:v1]), weights_t=weights_t[v0:v1],
         )
         sims[v0:v1, t0:t1] = out
         plan.append((v0, v1, t0, t1, width))
@@ -520,6 +540,8 @@ def _pair_forward(
     mm_dtype: torch.dtype,
     ws: _Workspace | None = None,
     with_proj: bool = True,
+    gram_split: tuple[Tensor, Tensor] | None = None,
+    weights_t: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Similarities ``(V, T)`` of a block, and the intermediates its backward needs.
 
@@ -528,6 +550,8 @@ def _pair_forward(
     normalised and lens (T,), or given per image, words (V, T, L, C) and lens (V, T). The large
     intermediates are taken from ``ws`` when given (they are then only valid until the next block).
     Without ``with_proj`` (no backward from these intermediates) the norms use the symmetry of G.
+    ``gram_split`` (:func:`_split_gram` of ``gram``) and ``weights_t`` (``weights`` transposed,
+    contiguous) may be passed when already at hand.
     """
     with torch.autocast(tokens.device.type, enabled=False):
         n_img, n_tok, dim = tokens.shape
@@ -547,16 +571,19 @@ def _pair_forward(
                       out=dots.view(n_img, n_tok, n_cap * n_word))
         dots_kept = dots[:, n_cls:]
         # fusion token f = fuse @ P: <word_j, f> = sum_k fuse_k <word_j, P_k> (dropped k), ||f||^2 = fuse G fuse^T.
-        fuse_t = fuse.transpose(1, 2).unsqueeze(-1).to(mm_dtype)  # (V, N, T, 1)
-        tmp = torch.mul(dots_kept, fuse_t, out=_new(ws, "fuse_tmp", dots_kept.shape, mm_dtype, device))
-        f_num = tmp.sum(dim=1).to(real)  # (V, T, L)
-        del tmp
-        f_len = _quadratic_form(fuse, gram, mm_dtype, ws).clamp_min(0.0).sqrt()  # (V, T)
+        # Every caption's fusion weights against every caption's dots is one GEMM per image; the
+        # diagonal (caption t with its own words) is what is needed, at T times a tiny cost.
+        cross = torch.bmm(fuse.to(mm_dtype), dots_kept.reshape(n_img, n_patch, n_cap * n_word))
+        f_num = cross.view(n_img, n_cap, n_cap, n_word).diagonal(dim1=1, dim2=2).transpose(1, 2).to(real)  # (V, T, L)
+        del cross
+        if gram_split is None:
+            gram_split = _split_gram(gram)
+        f_len = _quadratic_form(fuse, gram_split, mm_dtype, ws).clamp_min(0.0).sqrt()  # (V, T)
         f_norm = f_len.clamp_min(NORM_EPS)
         s_fuse = f_num.div_(f_norm.unsqueeze(-1))
         dots_kept.mul_(keep.transpose(1, 2).unsqueeze(-1).to(mm_dtype))  # (V, N, T, L), zero at dropped patches
         # <word_j, sum_k E_km keep_k P_k>: a GEMM per image.
-        w_t = weights.transpose(1, 2).contiguous()  # (V, M, N)
+        w_t = weights.transpose(1, 2).contiguous() if weights_t is None else weights_t  # (V, M, N)
         numer = torch.bmm(w_t.to(mm_dtype), dots_kept.reshape(n_img, n_patch, n_cap * n_word))
         numer = numer.to(real).view(n_img, n_aggr, n_cap, n_word)
         # softmax over the kept patches, w = E * keep / Z, and ||A||^2 = w G w^T.
@@ -571,7 +598,7 @@ def _pair_forward(
             sq = _rowdot(proj, agg_w)  # (V, T, M)
         else:
             proj = None
-            sq = _quadratic_form(agg_w.view(n_img, n_cap * n_aggr, n_patch), gram, mm_dtype, ws)
+            sq = _quadratic_form(agg_w.view(n_img, n_cap * n_aggr, n_patch), gram_split, mm_dtype, ws)
             sq = sq.view(n_img, n_cap, n_aggr)
         del agg_w
         norm = sq.clamp_min(0.0).sqrt().clamp_min(NORM_EPS)
@@ -600,23 +627,32 @@ def _pair_forward(
     return sims, cache
 
 
-def _quadratic_form(w: Tensor, gram: Tensor, mm_dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
-    """Row-wise ``w G w^T`` for ``w`` (V, R, N) and symmetric ``G`` (V, N, N): (V, R).
+def _quadratic_form(
+    w: Tensor, gram_split: tuple[Tensor, Tensor], mm_dtype: torch.dtype, ws: _Workspace | None
+) -> Tensor:
+    """Row-wise ``w G w^T`` for ``w`` (V, R, N) and symmetric ``G`` (V, N, N) given as :func:`_split_gram`: (V, R).
 
-    With ``G = [[A, B], [B^T, D]]`` and ``w = [u, v]``: ``u A u + 2 u B v + v D v``, which is
+    With ``G = [[A, B], [B^T, D]]`` and ``w = [u, v]``: ``u [A, 2B] . w + v D . v``, which is
     3/4 of the multiply-adds of ``(w G) . w``.
     """
     n_img, n_rows, n_patch = w.shape
     half = n_patch // 2
     real = w.dtype
+    upper, lower = gram_split
     u, v = w[..., :half], w[..., half:]
     top = _new(ws, "qf_top", (n_img, n_rows, n_patch), mm_dtype, w.device)
-    torch.bmm(u.to(mm_dtype), gram[:, :half].to(mm_dtype), out=top)  # u [A, B]
+    torch.bmm(u.to(mm_dtype), upper.to(mm_dtype), out=top)  # u [A, 2B]
     low = _new(ws, "qf_low", (n_img, n_rows, n_patch - half), mm_dtype, w.device)
-    torch.bmm(v.to(mm_dtype), gram[:, half:, half:].to(mm_dtype), out=low)  # v D
-    top = top.to(real)
-    top[..., half:].mul_(2.0).add_(low.to(real))  # [u A, 2 u B + v D]
-    return _rowdot(top, w)
+    torch.bmm(v.to(mm_dtype), lower.to(mm_dtype), out=low)  # v D
+    return _rowdot(top.to(real), w).add_(_rowdot(low.to(real), v))
+
+
+def _split_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """``[A, 2B]`` (V, N/2, N) and ``D`` (V, N - N/2, N - N/2) of ``G = [[A, B], [B^T, D]]``."""
+    half = gram.shape[-1] // 2
+    upper = gram[:, :half].clone()
+    upper[..., half:].mul_(2.0)
+    return upper, gram[:, half:, half:]
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:

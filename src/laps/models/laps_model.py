@@ -16,7 +16,8 @@ class LAPSModel(nn.Module):
         text: a :class:`TextEncoder` projecting to ``embed_size``.
         sparse_ratio: fraction of patches kept by the head.
         aggr_ratio: aggregated tokens as a fraction of the kept ones.
-        chunk_pairs: image-caption pairs scored at once by the head (bounds memory).
+        chunk_pairs: image-caption pairs scored at once by the head (bounds memory); ``None`` sizes
+            the head's blocks by memory (see :class:`LAPSHead`).
         selection: ``topk`` (the official hard selection) or ``gumbel`` (the paper's learned decision).
         attention_weight: with ``gumbel``, the weight of the attention scores against the prediction.
         gumbel_tau: with ``gumbel``, the Gumbel-softmax temperature.
@@ -28,7 +29,7 @@ class LAPSModel(nn.Module):
         text: TextEncoder,
         sparse_ratio: float = 0.5,
         aggr_ratio: float = 0.4,
-        chunk_pairs: int = 2048,
+        chunk_pairs: int | None = None,
         selection: str = "topk",
         attention_weight: float = 0.8,
         gumbel_tau: float = 1.0,
