@@ -76,3 +76,16 @@ def test_coco_1k_is_the_mean_of_five_folds() -> None:
 def test_metrics_reject_mismatched_maps() -> None:
     with pytest.raises(ValueError, match="cap_to_img"):
         retrieval_metrics(torch.zeros(2, 10), torch.zeros(9, dtype=torch.long))
+
+
+def test_pooled_similarity_is_the_cosine_of_mean_tokens_and_mean_valid_words() -> None:
+    from laps.models.pooling import pooled_similarity
+
+    gen = torch.Generator().manual_seed(0)
+    img, cap = torch.randn(3, 5, 8, generator=gen), torch.randn(4, 6, 8, generator=gen)
+    lens = torch.tensor([6, 1, 3, 4])
+    sims = pooled_similarity(img, cap, lens)
+    for v in range(3):
+        for t in range(4):
+            expected = torch.cosine_similarity(img[v].mean(0), cap[t, : lens[t]].mean(0), dim=0)
+            assert sims[v, t] == pytest.approx(expected.item(), abs=1e-6)

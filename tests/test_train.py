@@ -92,3 +92,18 @@ def test_wrong_override_is_one_clear_line(tmp_path: Path, args: list[str], needl
     err = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert "Traceback" not in result.stderr
     assert needle in err[0], result.stderr  # the first line says what is wrong (Hydra then lists the options)
+
+
+def test_pooled_weight_trains_the_pooled_loss(make_cfg) -> None:
+    import csv
+
+    steps = [*CPU_FAST, "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+             "trainer.log_every_n_steps=1", "test=false"]
+    logged = {}
+    for name, weight in (("pooled", 0.5), ("plain", 0.0)):
+        cfg = make_cfg([*steps, f"model.pooled_weight={weight}"], name=name)
+        train(cfg)
+        rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
+        logged[name] = [float(r["train/pooled_loss"]) for r in rows if r.get("train/pooled_loss")]
+    assert len(logged["pooled"]) == 2 and all(v > 0 for v in logged["pooled"])  # random vectors: violations
+    assert logged["plain"] == []

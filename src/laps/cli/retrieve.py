@@ -11,10 +11,11 @@ appended the same way. ``--fp16`` halves the file.
 
 * by default with the full LAPS head against every image (in blocks of ``--block`` images);
 * with ``--rerank K``, in two stages: every image is first ranked by the cosine similarity of
-  mean-pooled embeddings (the mean of the image tokens, normalised, against the mean of the
-  query's valid word tokens, normalised), then only the top ``K`` are re-scored with the LAPS head.
-  ``--prerank cls`` ranks by the image's [CLS] token instead of its mean token (models with a
-  [CLS] token), a better first stage for models whose mean-pooled vectors are not aligned with text
+  pooled embeddings against the mean of the query's valid word tokens (normalised), then only the
+  top ``K`` are re-scored with the LAPS head. The image side (``--prerank``): ``mean``, the mean of
+  the image tokens (normalised), or ``cls``, the [CLS] token. LAPS aligns tokens, so mean-pooled
+  vectors are aligned only in models trained with ``model.pooled_weight > 0``; ``auto`` (the
+  default) takes ``mean`` for those, else ``cls`` when the model has a [CLS] token, else ``mean``
   (see ``docs/tools.md``).
 
 It prints, per query, a table of the top ``--top-k`` images with their scores, then the time per
@@ -41,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from laps.models.pooling import pool_image, pool_text
+
 log = logging.getLogger("laps")
 
 INDEX_FORMAT = "laps-retrieve-index"
@@ -60,18 +63,6 @@ def list_images(root: str | Path) -> list[str]:
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
     ]
     return sorted(found)
-
-
-def pooled_image(tokens: Tensor) -> Tensor:
-    """``(B, L_v, C)`` image tokens -> ``(B, C)``: the mean over all tokens, L2-normalised."""
-    return F.normalize(tokens.float().mean(dim=1), dim=-1)
-
-
-def pooled_text(words: Tensor, lens: Tensor) -> Tensor:
-    """``(B, L_t, C)`` word tokens and lengths -> ``(B, C)``: the mean of the valid words, L2-normalised."""
-    valid = torch.arange(words.shape[1], device=words.device)[None, :] < lens.to(words.device)[:, None]
-    mean = (words.float() * valid[..., None]).sum(1) / lens.to(words.device)[:, None].float()
-    return F.normalize(mean, dim=-1)
 
 
 def load_index(path: str | Path) -> dict[str, Any]:
@@ -240,7 +231,7 @@ def build_index(
             if good:
                 tokens = engine.encode_images(torch.stack([x for _, x in good]))
                 emb_chunks.append(tokens.to(dtype).cpu())
-                pool_chunks.append(pooled_image(tokens).cpu())
+                pool_chunks.append(pool_image(tokens).cpu())
                 paths.extend(todo[i] for i, _ in good)
                 encoded += len(good)
             bar.update(len(items))
@@ -282,7 +273,16 @@ class SearchStats:
     prerank: str | None = None
 
 
-PRERANK = ("mean", "cls")
+PRERANK = ("auto", "mean", "cls")
+
+
+def resolve_prerank(prerank: str, engine: Any, index: dict[str, Any]) -> str:
+    """``auto`` -> ``mean`` for a model trained with ``model.pooled_weight > 0``, else ``cls`` when the
+    index's images have a [CLS] token, else ``mean``; other values unchanged."""
+    if prerank != "auto":
+        return prerank
+    trained = float((engine.config.get("model") or {}).get("pooled_weight", 0.0) or 0.0) > 0
+    return "cls" if index.get("has_cls", False) and not trained else "mean"
 
 
 def prerank_vectors(index: dict[str, Any], prerank: str = "mean") -> Tensor:
@@ -323,14 +323,14 @@ def search(
     rerank: int | None = None,
     block: int = 128,
     check_model: bool = True,
-    prerank: str = "mean",
+    prerank: str = "auto",
 ) -> tuple[list[QueryResult], SearchStats]:
     """Rank the index's images for every query.
 
     Without ``rerank``: LAPS scores of every (image, query) pair, ``block`` images at a time. With
     ``rerank=K``: cosine similarity of the pooled embeddings for every pair (``prerank``: the image's
-    mean token, or its [CLS] token, against the mean of the query's words), then LAPS scores of each
-    query's top ``K`` only. Returns the top ``top_k`` of each query and the stage statistics.
+    mean token, or its [CLS] token, or ``auto``, see :func:`resolve_prerank`; against the mean of
+    the query's words), then LAPS scores of each query's top ``K`` only. Returns the top ``top_k`` of each query and the stage statistics.
     """
     from laps.evaluation import score_matrix
 
@@ -379,9 +379,10 @@ def search(
         return results, stats
 
     k_re = min(int(rerank), n_img)
+    prerank = resolve_prerank(prerank, engine, index)
     t0 = time.perf_counter()
     pooled = prerank_vectors(index, prerank).to(device)
-    cos = pooled_text(cap, lens) @ pooled.t()  # (n_q, n_img)
+    cos = pool_text(cap, lens) @ pooled.t()  # (n_q, n_img)
     cand = cos.topk(k_re, dim=1)
     _sync(device)
     t_stage1 = time.perf_counter() - t0
@@ -479,9 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=10, help="images shown per query (default: %(default)s)")
     s.add_argument("--rerank", type=int, default=None, metavar="K",
                    help="pre-rank by pooled-embedding cosine, re-score the top K with LAPS")
-    s.add_argument("--prerank", choices=PRERANK, default="mean",
-                   help="first stage of --rerank: cosine of the mean image token (default) or of the [CLS] "
-                   "token, against the mean of the query's words")
+    s.add_argument("--prerank", choices=PRERANK, default="auto",
+                   help="first stage of --rerank: cosine of the mean image token or of the [CLS] token, against "
+                   "the mean of the query's words; auto (default): mean for models trained with "
+                   "model.pooled_weight > 0, else cls when there is a [CLS] token, else mean")
     s.add_argument("--block", type=int, default=128, help="images per LAPS scoring step (default: %(default)s)")
     s.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
     s.add_argument("--tokenizer", default=None, help="tokenizer folder or hub name, replacing the run's")

@@ -23,6 +23,7 @@ from laps.losses import (
     ratio_loss,
 )
 from laps.models import LAPSModel
+from laps.models.pooling import pooled_similarity
 from laps.training.checkpointing import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class LAPSLitModule(LightningModule):
         backbone_lr_mult: learning-rate factor of the vision and text backbones (0.1 officially).
         margin: hinge margin.
         ratio_weight: weight of the ratio loss.
+        pooled_weight: weight of a hinge loss (same margin and negatives) on the cosine of pooled
+            vectors (:mod:`laps.models.pooling`), beside the LAPS loss; 0 (the official recipe)
+            leaves it out. It trains the first stage of ``laps-retrieve --rerank``.
         vse_mean_warmup_epochs: hardest negatives from this epoch on (sum over negatives before).
         embedding_warmup_epochs: the epoch in which the contrastive term ramps up from 0 to 1.
         max_nonfinite_steps: consecutive skipped steps (NaN/Inf loss or gradient) before stopping.
@@ -63,6 +67,7 @@ class LAPSLitModule(LightningModule):
         backbone_lr_mult: float = 0.1,
         margin: float = 0.2,
         ratio_weight: float = 2.0,
+        pooled_weight: float = 0.0,
         vse_mean_warmup_epochs: int = 1,
         embedding_warmup_epochs: int = 0,
         max_nonfinite_steps: int = 10,
@@ -73,6 +78,8 @@ class LAPSLitModule(LightningModule):
         gumbel_tau: float = 1.0,
     ) -> None:
         super().__init__()
+        if not pooled_weight >= 0:
+            raise ValueError(f"model.pooled_weight must be >= 0, got {pooled_weight}")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         head = net.head
         if (head.selection, head.attention_weight, head.gumbel_tau) != (selection, attention_weight, gumbel_tau):
@@ -122,8 +129,13 @@ class LAPSLitModule(LightningModule):
         sims, mask = self.net.head.similarity(img, cap, lens, return_mask=True)
         contrastive = contrastive_loss(sims, ids, self.hparams.margin, self.max_violation())
         ratio = ratio_loss(mask, self.net.head.sparse_ratio)
-        loss = self.warmup_alpha(batch_idx) * contrastive + self.hparams.ratio_weight * ratio
+        alpha = self.warmup_alpha(batch_idx)
+        loss = alpha * contrastive + self.hparams.ratio_weight * ratio
         bs = batch["images"].shape[0]
+        if self.hparams.pooled_weight > 0:
+            pooled = contrastive_loss(pooled_similarity(img, cap, lens), ids, self.hparams.margin, self.max_violation())
+            loss = loss + alpha * self.hparams.pooled_weight * pooled
+            self.log("train/pooled_loss", pooled, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/contrastive", contrastive, batch_size=bs)
         self.log("train/ratio_loss", ratio, batch_size=bs)
