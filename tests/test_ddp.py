@@ -143,8 +143,8 @@ def test_ddp_gradients_equal_single_process(make_cfg, tmp_path: Path) -> None:
     _grads(module, DDP_SPAWN, 4, make_cfg, tmp_path)
     _grads(reference, SINGLE, 8, make_cfg, tmp_path)
 
-    single = torch.load(tmp_path / "grads_rank0_of1.pt")
-    ranks = [torch.load(tmp_path / f"grads_rank{r}_of2.pt") for r in range(2)]
+    single = torch.load(tmp_path / "grads_rank0_of1.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"grads_rank{r}_of2.pt", weights_only=True) for r in range(2)]
     assert set(ranks[0]) == set(ranks[1]) == set(single) == {n for n, p in module.named_parameters() if p.requires_grad}
     for name, g in single.items():
         for r, dist_grads in enumerate(ranks):
@@ -159,7 +159,7 @@ def test_ddp_gradients_equal_single_process(make_cfg, tmp_path: Path) -> None:
 
     # What every rank scored: the same 8 rows (4 from each rank), captions padded to the longest
     # on any rank (10 tokens), every caption's length and image id carried along.
-    seen = [torch.load(tmp_path / f"global_batch_rank{r}_of2.pt") for r in range(2)]
+    seen = [torch.load(tmp_path / f"global_batch_rank{r}_of2.pt", weights_only=True) for r in range(2)]
     for s in seen:
         assert s["cap_width"] == max(FixedPairs.LENGTHS) and s["img_rows"] == 8
         assert sorted(zip(s["lens"].tolist(), s["ids"].tolist())) == sorted(zip(FixedPairs.LENGTHS, FixedPairs.IMG_IDS))
@@ -192,7 +192,7 @@ def _test_metrics(make_cfg, data_root: Path, trainer_overrides: list[str], name:
     trainer = instantiate(cfg.trainer, **QUIET)
     trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    saved = torch.load(Path(cfg.paths.output_dir) / "sims_test.pt")
+    saved = torch.load(Path(cfg.paths.output_dir) / "sims_test.pt", weights_only=True)
     return metrics, saved
 
 

@@ -54,7 +54,7 @@ def load_fixture(name: str) -> dict:
     path = FIXTURES / name
     if not path.exists():
         pytest.skip(f"fixture {path} not found")
-    return torch.load(path)
+    return torch.load(path, weights_only=True)
 
 
 def fixture_head(fx: dict, device: str) -> LAPSHead:

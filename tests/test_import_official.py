@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import TINY_SYNTHETIC, compose_train
+from helpers.pickles import unrestricted_unpickle
 from helpers.standins import build_wordpiece_vocab, make_f30k_standin, read_lines, shared_data
 from laps.cli import import_official
 from laps.cli.eval import evaluate, run_config
@@ -68,7 +69,7 @@ def test_imported_checkpoint_reproduces_official(name: str, vocab1000: Path, f30
     module = build_module(run_cfg, datamodule.vocab_size)
     module.load_state_dict(checkpoint["state_dict"])  # strict: every key fits
     net = module.net.eval()
-    exp = torch.load(case / "expected.pt")
+    exp = torch.load(case / "expected.pt", weights_only=True)
     with torch.no_grad():
         sims = net(exp["images"], exp["captions"], exp["lengths"])
     assert sims.shape == exp["sims_eval"].shape
@@ -104,9 +105,9 @@ def hostile_checkpoint(path: Path, target: Path) -> Path:
 
 
 def test_payload_is_live(tmp_path: Path) -> None:
-    """Control: an unrestricted torch.load of such a file does run the command."""
+    """Control: unpickling such a file without restriction does run the command."""
     target = tmp_path / "control_pwned"
-    torch.load(hostile_checkpoint(tmp_path / "control.pth", target), weights_only=False)
+    unrestricted_unpickle(hostile_checkpoint(tmp_path / "control.pth", target))
     assert target.exists()
 
 

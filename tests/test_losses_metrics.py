@@ -19,7 +19,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("case", [0, 1], ids=["sum", "hardest"])
 def test_contrastive_loss_matches_official(case: int) -> None:
-    ref = torch.load(FIXTURES / "contrastive_loss.pt")[case]
+    ref = torch.load(FIXTURES / "contrastive_loss.pt", weights_only=True)[case]
     scores = ref["scores"].clone().requires_grad_(True)
     loss = contrastive_loss(scores, ref["img_ids"], ref["margin"], ref["max_violation"])
     loss.backward()
@@ -42,7 +42,7 @@ def test_ratio_loss() -> None:
 
 @pytest.mark.parametrize("case", [0, 1, 2])
 def test_recall_matches_official(case: int) -> None:
-    ref = torch.load(FIXTURES / "recall.pt")[case]
+    ref = torch.load(FIXTURES / "recall.pt", weights_only=True)[case]
     metrics = retrieval_metrics(ref["sims"])
     names = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "medr": "medr", "meanr": "meanr"}
     for direction in ("i2t", "t2i"):
@@ -53,7 +53,7 @@ def test_recall_matches_official(case: int) -> None:
 
 
 def test_ranks_follow_an_explicit_caption_to_image_map() -> None:
-    ref = torch.load(FIXTURES / "recall.pt")[1]
+    ref = torch.load(FIXTURES / "recall.pt", weights_only=True)[1]
     sims = ref["sims"]
     n_img = sims.shape[0]
     perm = torch.randperm(sims.shape[1], generator=torch.Generator().manual_seed(0))

@@ -45,7 +45,7 @@ def load_case(name: str, path: Path | None = None):
 @pytest.fixture(scope="module")
 def loaded():
     """Each official fixture loaded once: ``{name: (model, expected)}``."""
-    return {name: (load_case(name), torch.load(case_dir(name) / "expected.pt")) for name in CASES}
+    return {name: (load_case(name), torch.load(case_dir(name) / "expected.pt", weights_only=True)) for name in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def test_not_an_official_checkpoint(tmp_path):
 
 
 def _head_case(file: str):
-    data = torch.load(FIXTURES / file)
+    data = torch.load(FIXTURES / file, weights_only=True)
     cfg = data["config"]
     head = LAPSHead(
         cfg["embed_size"], cfg["num_patches"], cfg["sparse_ratio"], cfg["aggr_ratio"], cfg["has_cls"]

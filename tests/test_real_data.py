@@ -84,11 +84,25 @@ def run_eval(real: SimpleNamespace, name: str, root: Path, out: Path, *extra: st
     start = time.perf_counter()
     metrics = evaluate(cfg)
     elapsed = time.perf_counter() - start
-    saved = torch.load(out / "sims_test.pt")
+    saved = torch.load(out / "sims_test.pt", weights_only=True)
     written = json.loads((out / "metrics.json").read_text())
     assert written == pytest.approx(metrics)
     print(f"\nlaps-eval {name} {root.name}: {tuple(saved['sims'].shape)} in {elapsed:.1f} s")
     return metrics, saved, elapsed
+
+
+def test_eval_keeps_the_checkpoints_tokenizer_when_the_dataset_is_replaced(real: SimpleNamespace, tmp_path: Path) -> None:
+    from laps.cli.eval import run_config
+    from laps.compat.serialization import safe_load
+
+    checkpoint = safe_load(real.ckpt)
+    base = [f"ckpt_path={real.ckpt}", "dataset=coco", f"dataset.root={real.coco_dev}"]
+    kept = run_config(compose_train(base, tmp_path / "kept", real.base, "eval"), checkpoint)
+    assert kept.dataset.tokenizer == str(real.vocab) and kept.dataset.name == "coco"
+    other = tmp_path / "other_vocab"
+    given = run_config(compose_train([*base, f"dataset.tokenizer={other}"], tmp_path / "given", real.base, "eval"),
+                       checkpoint)
+    assert given.dataset.tokenizer == str(other)
 
 
 def assert_metrics_equal(metrics: dict[str, float], prefix: str, expected: dict[str, float]) -> None:

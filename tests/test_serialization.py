@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.pickles import unrestricted_unpickle
 from laps.compat.serialization import ALLOWED_GLOBALS, UnsafeCheckpointError, safe_load
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "laps_reference"
@@ -87,7 +88,7 @@ def test_open_payload_is_live_but_refused(tmp_path):
     # so the refusal below is what keeps the file from being written.
     control = tmp_path / "control"
     torch.save({"x": _OpenPayload(control)}, tmp_path / "control.pt")
-    torch.load(tmp_path / "control.pt", weights_only=False)["x"].close()
+    unrestricted_unpickle(tmp_path / "control.pt")["x"].close()
     assert control.exists()
 
     target = tmp_path / "pwned_open"

@@ -108,7 +108,7 @@ def test_explain_matches_the_official_release(file: str) -> None:
     """The explanation's similarity and kept patches are the official code's (golden outputs)."""
     from laps.compat.official import load_head_state_dict
 
-    data = torch.load(FIXTURES / file)
+    data = torch.load(FIXTURES / file, weights_only=True)
     cfg = data["config"]
     head = LAPSHead(cfg["embed_size"], cfg["num_patches"], cfg["sparse_ratio"], cfg["aggr_ratio"], cfg["has_cls"])
     load_head_state_dict(head, data["state_dict"])

@@ -16,8 +16,21 @@ from laps.paths import config_dir
 log = logging.getLogger("laps")
 
 
+def _on_command_line(key: str) -> bool:
+    """Whether this Hydra run's overrides set ``key`` (``key=``, ``+key=`` or ``++key=``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return any(o.lstrip("+").split("=", 1)[0] == key for o in HydraConfig.get().overrides.task)
+
+
 def run_config(cfg: DictConfig, checkpoint: dict) -> DictConfig:
-    """The training run's configuration stored in the checkpoint, with ``overrides`` applied."""
+    """The training run's configuration stored in the checkpoint, with ``overrides`` applied.
+
+    A dataset group on the command line (``dataset=f30k``) replaces the stored dataset config, except
+    its ``tokenizer``, which stays the checkpoint's unless ``dataset.tokenizer=`` is given too.
+    """
     stored = checkpoint.get("laps_config")
     if not stored:
         raise ValueError(
@@ -27,6 +40,10 @@ def run_config(cfg: DictConfig, checkpoint: dict) -> DictConfig:
     replace: dict = {}
     if cfg.get("dataset"):
         replace["dataset"] = OmegaConf.to_container(cfg.dataset, resolve=False)
+        stored_tokenizer = OmegaConf.select(OmegaConf.create(stored), "dataset.tokenizer")
+        if stored_tokenizer is not None and not _on_command_line("dataset.tokenizer"):
+            # the vocabulary belongs to the model's word embeddings, not to the dataset
+            replace["dataset"]["tokenizer"] = stored_tokenizer
     merged = OmegaConf.merge(OmegaConf.create(stored), replace, cfg.get("overrides") or {})
     merged.paths.output_dir = cfg.paths.output_dir
     for key in ("backbone", "backbone.vision", "backbone.text", "model.net.vision", "model.net.text"):
