@@ -632,8 +632,8 @@ def _quadratic_form(
 ) -> Tensor:
     """Row-wise ``w G w^T`` for ``w`` (V, R, N) and symmetric ``G`` (V, N, N) given as :func:`_split_gram`: (V, R).
 
-    With ``G = [[A, B], [B^T, D]]`` and ``w = [u, v]``: ``u [A, 2B] . w + v D . v``, which is
-    3/4 of the multiply-adds of ``(w G) . w``.
+    With ``G = [[A, B], [B^T, D]]`` and ``w = [u, v]``: ``[u A, 2 u B + v D] . w``, which is 3/4 of
+    the multiply-adds of ``(w G) . w``.
     """
     n_img, n_rows, n_patch = w.shape
     half = n_patch // 2
@@ -644,7 +644,9 @@ def _quadratic_form(
     torch.bmm(u.to(mm_dtype), upper.to(mm_dtype), out=top)  # u [A, 2B]
     low = _new(ws, "qf_low", (n_img, n_rows, n_patch - half), mm_dtype, w.device)
     torch.bmm(v.to(mm_dtype), lower.to(mm_dtype), out=low)  # v D
-    return _rowdot(top.to(real), w).add_(_rowdot(low.to(real), v))
+    top = top.to(real)
+    top[..., half:].add_(low.to(real))  # [u A, 2 u B + v D]
+    return _rowdot(top, w)
 
 
 def _split_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
