@@ -140,6 +140,7 @@ CASES = {
 def random_case(case: str, dtype: torch.dtype, device: str, seed: int = 0):
     dim, n_patch, has_cls, sparse, aggr, n_img, n_cap, length, chunk = CASES[case]
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the head's initial parameters
     head = LAPSHead(dim, n_patch, sparse, aggr, has_cls, chunk_pairs=chunk)
     with torch.no_grad():
         for p in head.parameters():
@@ -194,10 +195,13 @@ def test_random_float64_matches_reference(case: str, kind: str, device: str) -> 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_random_float32_matches_reference(case: str, device: str) -> None:
-    """fp32 to 1e-5; the scale's gradient is a sum with heavy cancellation, so fp32 gets ~1e-5 of it."""
+    """fp32 to 1e-5. The scale's gradient is a sum of thousands of terms of both signs, often ~100 times
+    smaller than their magnitudes: rounding differences of 1e-7 in each term (from any change of the
+    order of operations, in either implementation) move it by up to ~1e-3 (measured over a few hundred
+    random heads: at most 1.8e-3). The float64 test above pins it to 1e-9."""
     head, img, cap, lens = random_case(case, torch.float32, device, seed=3)
     grad = upstream_grad((img.shape[0], cap.shape[0]), "dense", seed=4)
-    compare_to_reference(head, img, cap, lens, grad, 1e-5, {"aggregation.scale": 1e-4, ZERO_GRAD_PARAM: 1e-6})
+    compare_to_reference(head, img, cap, lens, grad, 1e-5, {"aggregation.scale": 5e-3, ZERO_GRAD_PARAM: 1e-6})
 
 
 @pytest.mark.parametrize("max_saved_mb", [0.0, 0.01, 1024.0])
