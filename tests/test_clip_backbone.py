@@ -6,12 +6,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from helpers.common import TINY_BERT
 from laps.cli.train import train
 
-TINY_BERT = [
-    "+backbone.text.config_overrides.hidden_size=32", "+backbone.text.config_overrides.num_hidden_layers=1",
-    "+backbone.text.config_overrides.num_attention_heads=2", "+backbone.text.config_overrides.intermediate_size=64",
-]
 # The CLIP ViT-B/16 architecture at width 32 and depth 1 (random weights, no download).
 TINY_CLIP = [
     "backbone=clip_vit_b16", "backbone.pretrained=false", "backbone.embed_size=32",

@@ -18,16 +18,13 @@ from hydra.utils import instantiate
 from lightning import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
+from helpers.common import TINY_WIDTH32
 from laps.cli.train import build_datamodule, build_module
 from laps.training.module import LAPSLitModule
 
 # A very small ViT/BERT pair without dropout: 16 patches of 8 px, one layer each, width 32.
 TINY = [
-    "backbone=tiny", "backbone.embed_size=32", "backbone.image_size=32",
-    "backbone.vision.config_overrides.hidden_size=32", "backbone.vision.config_overrides.num_hidden_layers=1",
-    "backbone.vision.config_overrides.intermediate_size=64",
-    "backbone.text.config_overrides.hidden_size=32", "backbone.text.config_overrides.num_hidden_layers=1",
-    "backbone.text.config_overrides.intermediate_size=64",
+    "backbone=tiny", *TINY_WIDTH32,
     "+backbone.text.config_overrides.hidden_dropout_prob=0.0",
     "+backbone.text.config_overrides.attention_probs_dropout_prob=0.0",
 ]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from laps.losses import ratio_loss
-from laps.models.gumbel import decision_scores, decide
+from laps.models.gumbel import decide, decision_scores
 from laps.models.head import LAPSHead
 
 

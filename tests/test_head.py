@@ -11,17 +11,17 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import FIXTURES
+from helpers.common import rel_err
 from laps.evaluation import score_matrix
 from laps.losses import contrastive_loss
 from laps.models.head import LAPSHead
 from laps.models.reference import reference_similarity
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "laps_reference"
 HEAD_FIXTURES = ["head_vit_like.pt", "head_swin_like.pt", "head_vit_b16_shape.pt"]
 ZERO_GRAD_PARAM = "aggregation.mlp.3.bias"  # the softmax cancels it: zero in exact arithmetic
 
@@ -43,11 +43,6 @@ def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             raise KeyError(f"unexpected official head key {key!r}")
     return out
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
-    return float((ours - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 def load_fixture(name: str) -> dict:

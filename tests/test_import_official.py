@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_SYNTHETIC, compose_train
+from conftest import FIXTURES, TINY_SYNTHETIC, compose_train
+from helpers.common import rel_err
 from helpers.pickles import unrestricted_unpickle
 from helpers.standins import build_wordpiece_vocab, make_f30k_standin, read_lines, shared_data
 from laps.cli import import_official
@@ -21,15 +22,10 @@ from laps.cli.eval import evaluate, run_config
 from laps.cli.train import build_datamodule, build_module, resolve_ckpt
 from laps.compat.serialization import safe_load
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "laps_reference"
 CASES = ["official_tiny", "official_tiny_swin"]
 TOL = 1e-4
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures missing: {FIXTURES}")
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours.double() - ref.double()).norm() / ref.double().norm())
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import FIXTURES
 from laps.losses import contrastive_loss, ratio_loss
 from laps.metrics import coco_1k_metrics, retrieval_metrics, retrieval_ranks
-
-from conftest import FIXTURES
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared reference fixtures not present")
 

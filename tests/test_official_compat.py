@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FIXTURES
+from helpers.common import rel_err
 from laps.compat import (
     UnsafeCheckpointError,
     build_official_model,
@@ -22,15 +24,10 @@ from laps.compat import (
 from laps.losses import contrastive_loss, ratio_loss
 from laps.models.head import LAPSHead
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "laps_reference"
 CASES = ["official_tiny", "official_tiny_swin"]
 TOL = 1e-4
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures missing: {FIXTURES}")
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours.double() - ref.double()).norm() / ref.double().norm())
 
 
 def case_dir(name: str) -> Path:

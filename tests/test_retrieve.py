@@ -19,13 +19,13 @@ from conftest import compose_train
 from laps.cli.retrieve import build_index, list_images, load_index, main, search
 from laps.inference import load_for_inference
 from laps.models.pooling import pool_image, pool_text
-from test_visualize import TINY_VIT, write_checkpoint
+from test_visualize import VIT_AND_BERT, write_checkpoint
 
 
 @pytest.fixture
 def tiny_ckpt(make_cfg, tmp_path: Path):
     torch.manual_seed(0)
-    cfg = make_cfg(TINY_VIT, name="retrieve")
+    cfg = make_cfg(VIT_AND_BERT, name="retrieve")
     return write_checkpoint(cfg, tmp_path / "tiny.ckpt"), cfg
 
 

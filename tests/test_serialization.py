@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FIXTURES
 from helpers.pickles import unrestricted_unpickle
 from laps.compat.serialization import ALLOWED_GLOBALS, UnsafeCheckpointError, safe_load
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "laps_reference"
 
 
 class _ShellPayload:

@@ -14,18 +14,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from helpers.common import TINY_WIDTH32
 from laps.cli.sweep import child_argv
 from laps.training.callbacks import collect_sweep, summarize_sweep, swept_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = [
-    "backbone.embed_size=32", "backbone.image_size=32",
-    "backbone.vision.config_overrides.hidden_size=32", "backbone.vision.config_overrides.num_hidden_layers=1",
-    "backbone.vision.config_overrides.intermediate_size=64",
-    "backbone.text.config_overrides.hidden_size=32", "backbone.text.config_overrides.num_hidden_layers=1",
-    "backbone.text.config_overrides.intermediate_size=64",
-]
+TINY = TINY_WIDTH32
 FEW_STEPS = [
     "dataset.synthetic.n_train=16", "dataset.synthetic.n_dev=5", "dataset.synthetic.n_test=5",
     "dataset.synthetic.image_size=32", "dataset.batch_size=8", "dataset.eval_batch_size=3",

@@ -23,7 +23,7 @@ from laps.data.synthetic import (
     num_possible_scenes,
 )
 
-SMALL = dict(n_train=120, n_dev=30, n_test=50, image_size=64)
+SMALL = {"n_train": 120, "n_dev": 30, "n_test": 50, "image_size": 64}
 SIZE_OF = {w: size for size, words in SIZE_WORDS.items() for w in words}
 _PHRASE = r"(\w+) (\w+) (\w+)"
 _PATTERNS = [
@@ -95,13 +95,13 @@ def test_every_caption_resolves_to_an_image(synth: Path) -> None:
 
 
 def test_determinism(tmp_path: Path) -> None:
-    params = dict(n_train=20, n_dev=5, n_test=5, image_size=48)
+    params = {"n_train": 20, "n_dev": 5, "n_test": 5, "image_size": 48}
     a = generate_synthetic(tmp_path / "a", seed=7, **params)
     b = generate_synthetic(tmp_path / "b", seed=7, **params)
     c = generate_synthetic(tmp_path / "c", seed=8, **params)
     names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
     assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
-    match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+    _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
     assert not mismatch and not errors
     assert (a / "train_caps.txt").read_bytes() != (c / "train_caps.txt").read_bytes()
     assert (a / "images" / "000000.png").read_bytes() != (c / "images" / "000000.png").read_bytes()
@@ -176,7 +176,7 @@ def test_vocab_loads_with_bert_tokenizer(synth: Path, fast: bool) -> None:
 
 def test_ensure_synthetic_regenerates_only_on_change(tmp_path: Path) -> None:
     root = tmp_path / "ds"
-    params = dict(n_train=10, n_dev=5, n_test=5)
+    params = {"n_train": 10, "n_dev": 5, "n_test": 5}
     ensure_synthetic(root, **params)
     sentinel = root / "sentinel"
     sentinel.write_text("x")

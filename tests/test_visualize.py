@@ -14,24 +14,14 @@ import torch
 from PIL import Image
 
 from conftest import FIXTURES
+from helpers.common import TINY_BERT, TINY_VIT, rel_err
 from laps.models.explain import explain_pair
 from laps.models.head import LAPSHead
 
 REL_TOL = 1e-5
 
 # 32 px images, 8 px patches: a 4 x 4 grid (16 patches) and [CLS]; one layer each, width 32.
-TINY_VIT = [
-    "backbone=vit", "backbone.pretrained=false", "backbone.embed_size=32", "backbone.image_size=32",
-    "+backbone.vision.config_overrides.patch_size=8", "+backbone.vision.config_overrides.hidden_size=32",
-    "+backbone.vision.config_overrides.num_hidden_layers=1", "+backbone.vision.config_overrides.num_attention_heads=2",
-    "+backbone.vision.config_overrides.intermediate_size=64", "+backbone.vision.config_overrides.image_size=32",
-    "+backbone.text.config_overrides.hidden_size=32", "+backbone.text.config_overrides.num_hidden_layers=1",
-    "+backbone.text.config_overrides.num_attention_heads=2", "+backbone.text.config_overrides.intermediate_size=64",
-]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+VIT_AND_BERT = [*TINY_VIT, *TINY_BERT]
 
 
 def _random_head(dim: int, n_patch: int, sparse: float, aggr: float, has_cls: bool, seed: int = 0) -> LAPSHead:
@@ -134,7 +124,7 @@ def write_checkpoint(cfg, path: Path) -> Path:
 def tiny_ckpt(make_cfg, tmp_path: Path):
     """A random tiny ViT checkpoint (4 x 4 patches, sparse 0.3 -> 5 kept, 2 aggregated) and its config."""
     torch.manual_seed(0)
-    cfg = make_cfg([*TINY_VIT, "ratios.sparse_ratio=0.3", "ratios.aggr_ratio=0.5"], name="vis")
+    cfg = make_cfg([*VIT_AND_BERT, "ratios.sparse_ratio=0.3", "ratios.aggr_ratio=0.5"], name="vis")
     return write_checkpoint(cfg, tmp_path / "tiny.ckpt"), cfg
 
 

@@ -12,16 +12,11 @@ from typing import Any
 
 import pytest
 
+from helpers.common import TINY_WIDTH32
 from laps.cli.train import train
 from laps.training import callbacks as cb
 
-TINY = [
-    "backbone=tiny", "backbone.embed_size=32", "backbone.image_size=32",
-    "backbone.vision.config_overrides.hidden_size=32", "backbone.vision.config_overrides.num_hidden_layers=1",
-    "backbone.vision.config_overrides.intermediate_size=64",
-    "backbone.text.config_overrides.hidden_size=32", "backbone.text.config_overrides.num_hidden_layers=1",
-    "backbone.text.config_overrides.intermediate_size=64",
-]
+TINY = ["backbone=tiny", *TINY_WIDTH32]
 
 
 def read_wandb_records(path: Path) -> list[Any]:

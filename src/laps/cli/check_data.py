@@ -25,27 +25,27 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from laps.data.datasets import (
+    IMAGE_ERRORS,
     BadImageError,
     DataError,
     SplitIndex,
-    IMAGE_ERRORS,
-    resolve_id_mapping,
-    resolve_images_root,
     coco_image_path,
     open_image,
     read_split,
+    resolve_id_mapping,
+    resolve_images_root,
     split_files,
 )
 from laps.paths import config_dir
 
 __all__ = [
+    "DataReport",
     "ImageProblem",
     "SplitReport",
-    "DataReport",
     "check_dataset",
     "check_from_config",
-    "render_report",
     "main",
+    "render_report",
 ]
 
 log = logging.getLogger(__name__)

@@ -81,7 +81,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - filtered just below
+        except Exception as err:  # filtered just below
             cause = user_error(err)
             if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise

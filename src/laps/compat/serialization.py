@@ -72,7 +72,7 @@ def _refused_globals(path: Path, allowed: list[Any], error: BaseException) -> li
     allowed_names = {_global_name(a) for a in allowed}
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # legacy (non-zip) format or unreadable archive: fall back to the message
+    except Exception:  # noqa: BLE001 - legacy (non-zip) format or unreadable archive: fall back to the message
         found = []
     names = [n for n in found if n not in allowed_names]
     if not names:

@@ -40,29 +40,29 @@ from torch.utils.data import Dataset
 from laps.data.tokenization import CaptionTokenizer
 
 __all__ = [
-    "DataError",
-    "BadImageError",
-    "ON_BAD_IMAGE",
-    "split_files",
-    "read_split",
-    "load_id_mapping",
-    "coco_image_path",
-    "resolve_image_paths",
-    "resolve_images_root",
-    "resolve_id_mapping",
     "IMAGE_ERRORS",
-    "SplitIndex",
+    "ON_BAD_IMAGE",
+    "BadImageError",
+    "CaptionDataset",
+    "DataError",
+    "ImageDataset",
+    "PairDataset",
     "SplitData",
+    "SplitIndex",
+    "coco_image_path",
+    "collate_captions",
+    "collate_images",
+    "collate_pairs",
+    "load_id_mapping",
     "load_split",
     "load_split_from_config",
     "open_image",
-    "PairDataset",
-    "ImageDataset",
-    "CaptionDataset",
     "pad_input_ids",
-    "collate_pairs",
-    "collate_images",
-    "collate_captions",
+    "read_split",
+    "resolve_id_mapping",
+    "resolve_image_paths",
+    "resolve_images_root",
+    "split_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,7 @@ def _read_lines(path: Path, what: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"Missing {what} file {path}. {_MAKE_HINT}")
     data = path.read_bytes()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -115,7 +114,7 @@ def _read_lines(path: Path, what: str) -> list[str]:
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
-    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    return [ln.removesuffix("\r") for ln in lines]
 
 
 def read_split(root: str | Path, split: str) -> tuple[list[str], list[str]]:

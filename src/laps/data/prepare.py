@@ -27,12 +27,12 @@ from laps.data.datasets import DataError
 __all__ = [
     "KARPATHY_SPLITS",
     "SplitStats",
+    "build_coco_mapping",
+    "convert_karpathy",
     "detect_dataset",
     "karpathy_to_splits",
-    "convert_karpathy",
-    "build_coco_mapping",
-    "write_split",
     "write_id_mapping",
+    "write_split",
 ]
 
 log = logging.getLogger(__name__)

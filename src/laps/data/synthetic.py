@@ -28,24 +28,24 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "GENERATOR_VERSION",
-    "SPLITS",
-    "SHAPES",
     "COLOURS",
+    "GENERATOR_VERSION",
+    "SHAPES",
     "SIZES",
+    "SPLITS",
     "TEMPLATES",
-    "SyntheticParams",
     "Obj",
     "Scene",
+    "SyntheticParams",
     "all_vocab_words",
-    "num_possible_scenes",
-    "sample_scenes",
     "caption_for",
     "captions_for",
-    "render_scene",
-    "generate_synthetic",
     "ensure_synthetic",
+    "generate_synthetic",
+    "num_possible_scenes",
     "read_meta",
+    "render_scene",
+    "sample_scenes",
 ]
 
 log = logging.getLogger(__name__)

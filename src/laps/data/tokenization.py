@@ -49,7 +49,7 @@ def load_bert_tokenizer(name_or_path: str | Path, option: str = "dataset.tokeniz
             )
         try:
             tokenizer = BertTokenizer.from_pretrained(str(folder))
-        except Exception as err:  # noqa: BLE001 - re-raised with the path
+        except Exception as err:  # re-raised with the path
             raise TokenizerUnavailableError(
                 f"Cannot load a BERT tokenizer from {str(folder)!r} ({type(err).__name__}: {err}). "
                 f"Check the files there or set {option}=..."

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image

@@ -22,6 +22,8 @@ slower and hungrier than the default top-k head; chunks of captions are checkpoi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,7 +98,7 @@ def gumbel_similarity(head, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor
     for t0 in range(0, cap_embs.shape[0], step):
         args = (p32, patches_n, s_img, p, logits, cls.float(), words_n[t0 : t0 + step],
                 cap_lens[t0 : t0 + step], query[t0 : t0 + step])
-        fn = lambda *a: _block(head, *a)  # noqa: E731 - closes over the head for checkpoint
+        fn = functools.partial(_block, head)
         if torch.is_grad_enabled():
             out, keep = checkpoint(fn, *args, use_reentrant=False)
         else:
