@@ -199,6 +199,18 @@ def test_random_float32_matches_reference(case: str, device: str) -> None:
     compare_to_reference(head, img, cap, lens, grad, 1e-5, {"aggregation.scale": 5e-3, ZERO_GRAD_PARAM: 1e-6})
 
 
+@pytest.mark.parametrize("group", [1, 3, 16])
+def test_fusion_dots_in_caption_groups(group: int) -> None:
+    """The fusion row's word dots, computed a group of captions at a time (GPU blocks hold many)."""
+    from laps.models.head import _fusion_dots
+
+    gen = torch.Generator().manual_seed(0)
+    fuse, dots = torch.rand(3, 8, 5, generator=gen, dtype=torch.float64), torch.randn(3, 6, 8, 4, generator=gen,
+                                                                                          dtype=torch.float64)
+    expected = torch.einsum("vtk,vktl->vtl", fuse, dots[:, 1:])
+    assert torch.allclose(_fusion_dots(fuse, dots[:, 1:], group=group), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("max_saved_mb", [0.0, 0.01, 1024.0])
 def test_recomputed_and_kept_blocks_agree(max_saved_mb: float) -> None:
     """Blocks kept from forward to backward and blocks recomputed in backward give the same gradients."""

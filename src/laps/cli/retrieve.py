@@ -330,7 +330,8 @@ def search(
     Without ``rerank``: LAPS scores of every (image, query) pair, ``block`` images at a time. With
     ``rerank=K``: cosine similarity of the pooled embeddings for every pair (``prerank``: the image's
     mean token, or its [CLS] token, or ``auto``, see :func:`resolve_prerank`; against the mean of
-    the query's words), then LAPS scores of each query's top ``K`` only. Returns the top ``top_k`` of each query and the stage statistics.
+    the query's words), then LAPS scores of each query's top ``K`` only. Returns the top ``top_k``
+    of each query and the stage statistics.
     """
     from laps.evaluation import score_matrix
 

@@ -571,11 +571,7 @@ def _pair_forward(
                       out=dots.view(n_img, n_tok, n_cap * n_word))
         dots_kept = dots[:, n_cls:]
         # fusion token f = fuse @ P: <word_j, f> = sum_k fuse_k <word_j, P_k> (dropped k), ||f||^2 = fuse G fuse^T.
-        # Every caption's fusion weights against every caption's dots is one GEMM per image; the
-        # diagonal (caption t with its own words) is what is needed, at T times a tiny cost.
-        cross = torch.bmm(fuse.to(mm_dtype), dots_kept.reshape(n_img, n_patch, n_cap * n_word))
-        f_num = cross.view(n_img, n_cap, n_cap, n_word).diagonal(dim1=1, dim2=2).transpose(1, 2).to(real)  # (V, T, L)
-        del cross
+        f_num = _fusion_dots(fuse.to(mm_dtype), dots_kept).to(real)  # (V, T, L)
         if gram_split is None:
             gram_split = _split_gram(gram)
         f_len = _quadratic_form(fuse, gram_split, mm_dtype, ws).clamp_min(0.0).sqrt()  # (V, T)
@@ -625,6 +621,23 @@ def _pair_forward(
     if s_cls is not None:
         cache["s_cls"] = s_cls
     return sims, cache
+
+
+def _fusion_dots(fuse: Tensor, dots: Tensor, group: int = 16) -> Tensor:
+    """``sum_k fuse[v, t, k] dots[v, k, t, l]``: fuse (V, T, N), dots (V, N, T, L) -> (V, T, L).
+
+    For a group of captions, every caption's weights against every caption's dots is one GEMM per
+    image, of which the diagonal (each caption with its own words) is kept: ``group`` times a small
+    cost, instead of two passes over ``dots``. Groups bound the ``group x group`` waste.
+    """
+    n_img, n_cap, n_patch = fuse.shape
+    n_word = dots.shape[-1]
+    parts = []
+    for t0 in range(0, n_cap, group):
+        t1 = min(t0 + group, n_cap)
+        cross = torch.bmm(fuse[:, t0:t1], dots[:, :, t0:t1].reshape(n_img, n_patch, (t1 - t0) * n_word))
+        parts.append(cross.view(n_img, t1 - t0, t1 - t0, n_word).diagonal(dim1=1, dim2=2).transpose(1, 2))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _quadratic_form(
