@@ -129,6 +129,7 @@ CASES = {
     "odd": (20, 30, True, 0.37, 0.9, 9, 4, 6, 5),
     "one-pair": (16, 9, True, 0.6, 0.7, 1, 1, 5, 2048),
     "vit-b16": (32, 196, True, 0.5, 0.4, 4, 6, 12, 2048),
+    "many-captions": (16, 9, True, 0.6, 0.7, 3, 40, 6, 2048),
 }
 
 
@@ -209,6 +210,19 @@ def test_fusion_dots_in_caption_groups(group: int) -> None:
                                                                                           dtype=torch.float64)
     expected = torch.einsum("vtk,vktl->vtl", fuse, dots[:, 1:])
     assert torch.allclose(_fusion_dots(fuse, dots[:, 1:], group=group), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_gpu_block_plan_matches_reference(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks as planned on a GPU (all captions of the budget in one block: here 40, so the fusion
+    GEMM runs in caption groups), on the CPU: the same numbers as the loop, forward and backward."""
+    from laps.models import head as head_module
+
+    plan = head_module._plan_blocks
+    monkeypatch.setattr(head_module, "_plan_blocks", lambda n_img, n_cap, pairs, _: plan(n_img, n_cap, pairs, "cuda"))
+    head, img, cap, lens = random_case("many-captions", torch.float64, "cpu")
+    assert len(plan(img.shape[0], cap.shape[0], head.chunk_pairs, "cuda")) == 1
+    compare_to_reference(head, img, cap, lens, upstream_grad((img.shape[0], cap.shape[0]), kind), 1e-9, {})
 
 
 @pytest.mark.parametrize("max_saved_mb", [0.0, 0.01, 1024.0])
