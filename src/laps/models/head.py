@@ -268,7 +268,8 @@ class LAPSHead(nn.Module):
         if torch.is_grad_enabled() and any(t.requires_grad for t in diff):
             sims, mask = _PairScores.apply(*diff, caption["lens"], *selection, config)
         else:
-            sims, mask, _ = _score_blocks(*diff, caption["lens"], *selection, config, save=False)
+            sims, mask, _ = _score_blocks(_Images.build(*diff[:4]), words, caption["lens"], *selection, config,
+                                          save=False)
         return sims, (mask if return_mask else None)
 
     # ------------------------------------------------------------------ per-image / per-caption work
@@ -320,11 +321,6 @@ class LAPSHead(nn.Module):
                 mean = (cap_embs.to(real) * valid.unsqueeze(-1)).sum(1) / cap_lens.unsqueeze(-1)
                 query = F.normalize(mean, dim=-1)
         return {"words_n": words_n, "lens": cap_lens, "query": query}
-
-    # ------------------------------------------------------------------ selection
-    def _select(self, patches_n: Tensor, salience: Tensor, query: Tensor) -> PatchSelection:
-        """Top-K keep mask and fusion weights ``(B_v, B_t, N)`` (fp32, no gradient)."""
-        return _select(patches_n, salience, query, self.num_keep)
 
 
 # ---------------------------------------------------------------------- scoring blocks of pairs
@@ -452,11 +448,35 @@ def _cache_bytes(n_img: int, n_tok: int, n_cap: int, n_word: int, n_aggr: int, n
     return n_img * n_cap * per_pair
 
 
+class _Images(NamedTuple):
+    """Per-image inputs of the pair scoring: tokens (V, L_v, C), gram (V, N, N), weights (V, N, M)
+    and cls_norm (V, R_c), and what is derived from them once per call: weights_t (V, M, N), and
+    gram_upper = [A, 2B] (V, N/2, N) and gram_lower = D of ``G = [[A, B], [B^T, D]]``."""
+
+    tokens: Tensor
+    gram: Tensor
+    weights: Tensor
+    cls_norm: Tensor
+    weights_t: Tensor
+    gram_upper: Tensor
+    gram_lower: Tensor
+
+    @classmethod
+    def build(cls, tokens: Tensor, gram: Tensor, weights: Tensor, cls_norm: Tensor) -> _Images:
+        with torch.no_grad():
+            half = gram.shape[-1] // 2
+            upper = gram[:, :half].clone()
+            upper[..., half:].mul_(2.0)
+            weights_t = weights.transpose(1, 2).contiguous()
+        return cls(tokens, gram, weights, cls_norm, weights_t, upper, gram[:, half:, half:])
+
+    def take(self, index: slice | Tensor) -> _Images:
+        """The images at ``index`` (a slice, or a tensor of image indices)."""
+        return _Images(*(t[index] for t in self))
+
+
 def _score_blocks(
-    tokens: Tensor,
-    gram: Tensor,
-    weights: Tensor,
-    cls_norm: Tensor,
+    images: _Images,
     words: Tensor,
     lens: Tensor,
     patches_n: Tensor,
@@ -472,23 +492,21 @@ def _score_blocks(
     the sorted order, keep/fusion weights of every pair and, within ``max_saved_bytes``, each
     block's intermediates.
     """
+    tokens = images.tokens
     n_img, n_cap = tokens.shape[0], words.shape[0]
-    n_tok, n_patch, n_aggr = tokens.shape[1], weights.shape[1], weights.shape[2]
+    n_tok, n_patch, n_aggr = tokens.shape[1], images.weights.shape[1], images.weights.shape[2]
     order = torch.argsort(lens, stable=True)
     lens_s = lens.index_select(0, order)
     widths = lens_s.tolist()
     words_s = words.index_select(0, order)
     query_s = query.index_select(0, order)
-    real = gram.dtype
+    real = images.gram.dtype
     sims = torch.empty(n_img, n_cap, dtype=real, device=tokens.device)
     need_sel = save or config.return_mask
     keep_all = tokens.new_empty(n_img, n_cap, n_patch, dtype=real) if need_sel else None
     fuse_all = tokens.new_empty(n_img, n_cap, n_patch, dtype=real) if save else None
     plan, caches, saved = [], [], 0
     ws = _Workspace()
-    with torch.no_grad():
-        gram_split = _split_gram(gram)
-        weights_t = weights.transpose(1, 2).contiguous()
     blocks = _plan_blocks(n_img, n_cap, config.block_pairs, tokens.device.type)
     # Selection for all images and a run of captions at once (a wide GEMM instead of thin ones).
     span = blocks[0][3] - blocks[0][2]
@@ -508,10 +526,8 @@ def _score_blocks(
         keep_cache = save and saved + size <= config.max_saved_bytes
         saved += size if keep_cache else 0
         out, cache = _pair_forward(
-            tokens[v0:v1], gram[v0:v1], weights[v0:v1], cls_norm[v0:v1], words_s[t0:t1, :width],
-            sel.keep[v0:v1, a:b], sel.fuse[v0:v1, a:b], lens_s[t0:t1], config.n_cls, config.mm_dtype,
-            ws=None if keep_cache else ws, with_proj=keep_cache,
-            gram_split=(gram_split[0][v0:v1], gram_split[1][v0:v1]), weights_t=weights_t[v0:v1],
+            images.take(slice(v0, v1)), words_s[t0:t1, :width], sel.keep[v0:v1, a:b], sel.fuse[v0:v1, a:b],
+            lens_s[t0:t1], config.n_cls, config.mm_dtype, ws=None if keep_cache else ws, with_proj=keep_cache,
         )
         sims[v0:v1, t0:t1] = out
         plan.append((v0, v1, t0, t1, width))
@@ -528,10 +544,7 @@ def _score_blocks(
 
 
 def _pair_forward(
-    tokens: Tensor,
-    gram: Tensor,
-    weights: Tensor,
-    cls_norm: Tensor,
+    images: _Images,
     words: Tensor,
     keep: Tensor,
     fuse: Tensor,
@@ -540,19 +553,15 @@ def _pair_forward(
     mm_dtype: torch.dtype,
     ws: _Workspace | None = None,
     with_proj: bool = True,
-    gram_split: tuple[Tensor, Tensor] | None = None,
-    weights_t: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Similarities ``(V, T)`` of a block, and the intermediates its backward needs.
 
-    Shapes: tokens (V, L_v, C); gram (V, N, N); weights (V, N, M); cls_norm (V, R_c);
-    keep, fuse (V, T, N). Captions are either shared by all images of the block, words (T, L, C)
+    Shapes: ``images`` of V images (:class:`_Images`); keep, fuse (V, T, N). Captions are either shared by all images of the block, words (T, L, C)
     normalised and lens (T,), or given per image, words (V, T, L, C) and lens (V, T). The large
     intermediates are taken from ``ws`` when given (they are then only valid until the next block).
     Without ``with_proj`` (no backward from these intermediates) the norms use the symmetry of G.
-    ``gram_split`` (:func:`_split_gram` of ``gram``) and ``weights_t`` (``weights`` transposed,
-    contiguous) may be passed when already at hand.
     """
+    tokens, gram, weights, cls_norm = images.tokens, images.gram, images.weights, images.cls_norm
     with torch.autocast(tokens.device.type, enabled=False):
         n_img, n_tok, dim = tokens.shape
         shared = words.dim() == 3
@@ -572,14 +581,12 @@ def _pair_forward(
         dots_kept = dots[:, n_cls:]
         # fusion token f = fuse @ P: <word_j, f> = sum_k fuse_k <word_j, P_k> (dropped k), ||f||^2 = fuse G fuse^T.
         f_num = _fusion_dots(fuse.to(mm_dtype), dots_kept).to(real)  # (V, T, L)
-        if gram_split is None:
-            gram_split = _split_gram(gram)
-        f_len = _quadratic_form(fuse, gram_split, mm_dtype, ws).clamp_min(0.0).sqrt()  # (V, T)
+        f_len = _quadratic_form(fuse, images, mm_dtype, ws).clamp_min(0.0).sqrt()  # (V, T)
         f_norm = f_len.clamp_min(NORM_EPS)
         s_fuse = f_num.div_(f_norm.unsqueeze(-1))
         dots_kept.mul_(keep.transpose(1, 2).unsqueeze(-1).to(mm_dtype))  # (V, N, T, L), zero at dropped patches
         # <word_j, sum_k E_km keep_k P_k>: a GEMM per image.
-        w_t = weights.transpose(1, 2).contiguous() if weights_t is None else weights_t  # (V, M, N)
+        w_t = images.weights_t  # (V, M, N)
         numer = torch.bmm(w_t.to(mm_dtype), dots_kept.reshape(n_img, n_patch, n_cap * n_word))
         numer = numer.to(real).view(n_img, n_aggr, n_cap, n_word)
         # softmax over the kept patches, w = E * keep / Z, and ||A||^2 = w G w^T.
@@ -594,7 +601,7 @@ def _pair_forward(
             sq = _rowdot(proj, agg_w)  # (V, T, M)
         else:
             proj = None
-            sq = _quadratic_form(agg_w.view(n_img, n_cap * n_aggr, n_patch), gram_split, mm_dtype, ws)
+            sq = _quadratic_form(agg_w.view(n_img, n_cap * n_aggr, n_patch), images, mm_dtype, ws)
             sq = sq.view(n_img, n_cap, n_aggr)
         del agg_w
         norm = sq.clamp_min(0.0).sqrt().clamp_min(NORM_EPS)
@@ -640,10 +647,8 @@ def _fusion_dots(fuse: Tensor, dots: Tensor, group: int = 16) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _quadratic_form(
-    w: Tensor, gram_split: tuple[Tensor, Tensor], mm_dtype: torch.dtype, ws: _Workspace | None
-) -> Tensor:
-    """Row-wise ``w G w^T`` for ``w`` (V, R, N) and symmetric ``G`` (V, N, N) given as :func:`_split_gram`: (V, R).
+def _quadratic_form(w: Tensor, images: _Images, mm_dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
+    """Row-wise ``w G w^T`` for ``w`` (V, R, N) and the images' symmetric ``G`` (V, N, N): (V, R).
 
     With ``G = [[A, B], [B^T, D]]`` and ``w = [u, v]``: ``[u A, 2 u B + v D] . w``, which is 3/4 of
     the multiply-adds of ``(w G) . w``.
@@ -651,7 +656,7 @@ def _quadratic_form(
     n_img, n_rows, n_patch = w.shape
     half = n_patch // 2
     real = w.dtype
-    upper, lower = gram_split
+    upper, lower = images.gram_upper, images.gram_lower
     u, v = w[..., :half], w[..., half:]
     top = _new(ws, "qf_top", (n_img, n_rows, n_patch), mm_dtype, w.device)
     torch.bmm(u.to(mm_dtype), upper.to(mm_dtype), out=top)  # u [A, 2B]
@@ -660,14 +665,6 @@ def _quadratic_form(
     top = top.to(real)
     top[..., half:].add_(low.to(real))  # [u A, 2 u B + v D]
     return _rowdot(top, w)
-
-
-def _split_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """``[A, 2B]`` (V, N/2, N) and ``D`` (V, N - N/2, N - N/2) of ``G = [[A, B], [B^T, D]]``."""
-    half = gram.shape[-1] // 2
-    upper = gram[:, :half].clone()
-    upper[..., half:].mul_(2.0)
-    return upper, gram[:, half:, half:]
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -687,10 +684,7 @@ def _softmax_weights(w_t: Tensor, keep: Tensor, total: Tensor, out: Tensor | Non
 
 def _pair_backward(
     grad: Tensor,
-    tokens: Tensor,
-    gram: Tensor,
-    weights: Tensor,
-    cls_norm: Tensor,
+    images: _Images,
     words: Tensor,
     keep: Tensor,
     fuse: Tensor,
@@ -703,6 +697,7 @@ def _pair_backward(
     """Gradients wrt tokens, gram, weights, cls_norm and words of a block, given ``d loss / d sims``.
 
     """
+    tokens, gram, weights, cls_norm = images.tokens, images.gram, images.weights, images.cls_norm
     with torch.autocast(tokens.device.type, enabled=False):
         n_img, n_tok, dim = tokens.shape
         shared = words.dim() == 3
@@ -729,7 +724,7 @@ def _pair_backward(
         d_sq = torch.where(live, d_denom * total / (2.0 * norm), 0.0)
         # Z cancels out of s while ||A|| is not clamped (s is homogeneous of degree 0 in E[:, m]).
         d_total = torch.where(live, 0.0, d_denom * norm)
-        w_t = weights.transpose(1, 2).contiguous()  # (V, M, N)
+        w_t = images.weights_t  # (V, M, N)
         shape = (n_img, n_cap, n_aggr, n_patch)
         scaled = _softmax_weights(w_t, keep, total, _new(ws, "scaled", shape, real, device))
         scaled.mul_(d_sq.unsqueeze(-1))  # w * d_sq
@@ -805,9 +800,8 @@ class _PairScores(torch.autograd.Function):
         query: Tensor,
         config: _ScoreConfig,
     ) -> tuple[Tensor, Tensor | None]:
-        sims, mask, state = _score_blocks(
-            tokens, gram, weights, cls_norm, words, lens, patches_n, salience, query, config, save=True
-        )
+        images = _Images.build(tokens, gram, weights, cls_norm)
+        sims, mask, state = _score_blocks(images, words, lens, patches_n, salience, query, config, save=True)
         ctx.save_for_backward(tokens, gram, weights, cls_norm, words)
         ctx.state, ctx.config = state, config
         if mask is not None:
@@ -821,6 +815,7 @@ class _PairScores(torch.autograd.Function):
         order, lens_s, words_s = state["order"], state["lens_s"], state["words_s"]
         keep_s, fuse_s = state["keep_s"], state["fuse_s"]
         grad_s = grad.to(gram.dtype).index_select(1, order)
+        images = _Images.build(tokens, gram, weights, cls_norm)
         acc = _GradAccumulator(tokens, gram, weights, cls_norm, words_s)
         ws = _Workspace()
         nonzero = grad_s != 0
@@ -836,9 +831,8 @@ class _PairScores(torch.autograd.Function):
             for rows, slots in groups:
                 width = int(lens_s[slots].max())
                 args = (
-                    tokens[rows], gram[rows], weights[rows], cls_norm[rows], words_s[slots, :width],
-                    keep_s[rows.unsqueeze(1), slots], fuse_s[rows.unsqueeze(1), slots], lens_s[slots],
-                    config.n_cls, config.mm_dtype,
+                    images.take(rows), words_s[slots, :width], keep_s[rows.unsqueeze(1), slots],
+                    fuse_s[rows.unsqueeze(1), slots], lens_s[slots], config.n_cls, config.mm_dtype,
                 )
                 with torch.no_grad():
                     cache = _pair_forward(*args, ws=ws)[1]
@@ -850,8 +844,8 @@ class _PairScores(torch.autograd.Function):
                 if not bool(nonzero[v0:v1, t0:t1].any()):
                     continue
                 args = (
-                    tokens[v0:v1], gram[v0:v1], weights[v0:v1], cls_norm[v0:v1], words_s[t0:t1, :width],
-                    keep_s[v0:v1, t0:t1], fuse_s[v0:v1, t0:t1], lens_s[t0:t1], config.n_cls, config.mm_dtype,
+                    images.take(slice(v0, v1)), words_s[t0:t1, :width], keep_s[v0:v1, t0:t1],
+                    fuse_s[v0:v1, t0:t1], lens_s[t0:t1], config.n_cls, config.mm_dtype,
                 )
                 if cache is None:
                     with torch.no_grad():
