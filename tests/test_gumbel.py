@@ -82,3 +82,29 @@ def test_model_selection_gumbel_trains_through_the_framework(make_cfg) -> None:
 
     net = instantiate(cfg.model.net, text={"vocab_size": 64})
     assert net.head.selection == "gumbel" and net.head.gumbel_tau == 0.5 and hasattr(net.head, "predictor")
+
+
+def test_evaluation_scores_a_gumbel_head_with_its_own_selection() -> None:
+    """score_matrix (validation, test, laps-retrieve) goes through prepare/score_prepared: for a
+    gumbel head that must be the gumbel selection, as in head.similarity, not the top-k one."""
+    from laps.evaluation import score_matrix
+
+    torch.manual_seed(0)
+    head = LAPSHead(32, 49, 0.3, 0.5, has_cls=True, selection="gumbel").eval()
+    topk = LAPSHead(32, 49, 0.3, 0.5, has_cls=True)
+    topk.aggregation.load_state_dict(head.aggregation.state_dict())
+    img, cap, lens = _inputs()
+    with torch.no_grad():
+        direct = head.similarity(img, cap, lens)[0]
+        scored = score_matrix(head, img, cap, lens, image_block=4, progress=False)
+        assert not torch.allclose(direct, topk.similarity(img, cap, lens)[0], atol=1e-3)  # the selections differ
+    assert torch.allclose(scored, direct, atol=1e-6)
+
+
+def test_explain_pair_refuses_a_gumbel_head() -> None:
+    from laps.models.explain import explain_pair
+
+    head = LAPSHead(32, 49, 0.3, 0.5, has_cls=True, selection="gumbel")
+    img, cap, lens = _inputs()
+    with pytest.raises(ValueError, match="selection='gumbel'"):
+        explain_pair(head, img[:1], cap, lens)

@@ -54,6 +54,8 @@ def explain_pair(head: LAPSHead, img_embs: Tensor, cap_embs: Tensor, cap_lens: T
           if any, the ``M`` aggregated tokens, the fusion token) with the words (zeros past a
           caption's length).
     """
+    if head.selection != "topk":
+        raise ValueError(f"explain_pair draws the top-k selection; this head uses selection={head.selection!r}")
     lens = head._check_inputs(img_embs, cap_embs, cap_lens)  # the head's own validation, one place
     n_cls = int(head.has_cls)
     n_patch, n_keep = int(head.num_patches), int(head.num_keep)

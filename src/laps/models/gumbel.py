@@ -75,10 +75,13 @@ def decide(s: Tensor, num_keep: int, tau: float, training: bool) -> Tensor:
     return torch.where(empty, best, keep)
 
 
-def gumbel_similarity(head, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor) -> tuple[Tensor, Tensor]:
+def gumbel_similarity(
+    head, img_embs: Tensor, words_n: Tensor, cap_lens: Tensor, query: Tensor
+) -> tuple[Tensor, Tensor]:
     """Similarities ``(B_v, B_t)`` and keep decisions ``(B_v, B_t, N)`` with the Gumbel selection.
 
-    ``head`` is a :class:`~laps.models.head.LAPSHead` built with ``selection="gumbel"``.
+    ``head`` is a :class:`~laps.models.head.LAPSHead` built with ``selection="gumbel"``; ``words_n``
+    ``(B_t, L_t, C)``, ``cap_lens`` and ``query`` ``(B_t, C)`` come from its ``prepare_captions``.
     """
     n_cls = int(head.has_cls)
     cls, patches = img_embs[:, :n_cls], img_embs[:, n_cls:]
@@ -86,16 +89,13 @@ def gumbel_similarity(head, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor
     patches_n = F.normalize(p32, dim=-1)
     with torch.no_grad():
         s_img = torch.einsum("vnc,vc->vn", patches_n, F.normalize(p32.mean(1), dim=-1))
-        valid = torch.arange(cap_embs.shape[1], device=cap_lens.device)[None] < cap_lens[:, None]
-        query = F.normalize((cap_embs.float() * valid.unsqueeze(-1)).sum(1) / cap_lens[:, None], dim=-1)
     p = head.predictor(patches)
     logits = head.aggregation(patches).float()  # (B_v, N, M)
-    words_n = F.normalize(cap_embs.float(), dim=-1)
     n_rows = head.num_aggregated + 1 + n_cls
     pair_bytes = (n_rows * (patches.shape[2] + words_n.shape[1]) + head.num_aggregated * patches.shape[1]) * 4
     step = max(1, block_pairs(head.chunk_pairs, img_embs.device.type, pair_bytes) // max(img_embs.shape[0], 1))
     sims, keeps = [], []
-    for t0 in range(0, cap_embs.shape[0], step):
+    for t0 in range(0, words_n.shape[0], step):
         args = (p32, patches_n, s_img, p, logits, cls.float(), words_n[t0 : t0 + step],
                 cap_lens[t0 : t0 + step], query[t0 : t0 + step])
         fn = functools.partial(_block, head)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from laps.models.pooling import pool_text
+
 LEAKY_SLOPE = 0.1
 NORM_EPS = 1e-12  # as F.normalize
 # Aggregation logits more than this below the maximum of their column (over an image's patches)
@@ -226,14 +228,10 @@ class LAPSHead(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """``sims`` ``(B_v, B_t)`` (fp32) and, on request, the keep mask ``(B_v, B_t, N)``."""
         cap_lens = self._check_inputs(img_embs, cap_embs, cap_lens)
-        if self.selection == "gumbel":
-            from laps.models.gumbel import gumbel_similarity
-
-            sims, keep = gumbel_similarity(self, img_embs, cap_embs, cap_lens)
-            return sims, (keep if return_mask else None)
-        image = self.prepare_images(img_embs)
         caption = self.prepare_captions(cap_embs, cap_lens)
-        return self.score_prepared(image, caption, return_mask=return_mask)
+        if self.selection == "gumbel":
+            return self._gumbel(img_embs, caption, return_mask)
+        return self.score_prepared(self.prepare_images(img_embs), caption, return_mask=return_mask)
 
     def score_prepared(
         self, image: dict[str, Tensor], caption: dict[str, Tensor], return_mask: bool = False
@@ -241,8 +239,11 @@ class LAPSHead(nn.Module):
         """Score outputs of :meth:`prepare_images` against :meth:`prepare_captions`, in blocks of pairs.
 
         Returns ``sims`` ``(B_v, B_t)`` (fp32) and, with ``return_mask``, the keep mask
-        ``(B_v, B_t, N)``.
+        ``(B_v, B_t, N)``. A ``gumbel`` head scores with its own selection (only ``image["tokens"]``
+        is used then).
         """
+        if self.selection == "gumbel":
+            return self._gumbel(image["tokens"], caption, return_mask)
         tokens = image["tokens"]
         words = caption["words_n"]
         n_img, n_cap = tokens.shape[0], words.shape[0]
@@ -271,6 +272,14 @@ class LAPSHead(nn.Module):
             sims, mask, _ = _score_blocks(_Images.build(*diff[:4]), words, caption["lens"], *selection, config,
                                           save=False)
         return sims, (mask if return_mask else None)
+
+    def _gumbel(
+        self, img_embs: Tensor, caption: dict[str, Tensor], return_mask: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        from laps.models.gumbel import gumbel_similarity
+
+        sims, keep = gumbel_similarity(self, img_embs, caption["words_n"], caption["lens"], caption["query"])
+        return sims, (keep if return_mask else None)
 
     # ------------------------------------------------------------------ per-image / per-caption work
     def prepare_images(self, img_embs: Tensor) -> dict[str, Tensor]:
@@ -317,9 +326,7 @@ class LAPSHead(nn.Module):
             real = _real_dtype(cap_embs.dtype)
             words_n = F.normalize(cap_embs.to(real), dim=-1)
             with torch.no_grad():
-                valid = _length_mask(cap_lens, cap_embs.shape[1])
-                mean = (cap_embs.to(real) * valid.unsqueeze(-1)).sum(1) / cap_lens.unsqueeze(-1)
-                query = F.normalize(mean, dim=-1)
+                query = pool_text(cap_embs, cap_lens)
         return {"words_n": words_n, "lens": cap_lens, "query": query}
 
 
