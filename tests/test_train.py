@@ -98,3 +98,14 @@ def test_pooled_weight_trains_the_pooled_loss(make_cfg) -> None:
         logged[name] = [float(r["train/pooled_loss"]) for r in rows if r.get("train/pooled_loss")]
     assert len(logged["pooled"]) == 2 and all(v > 0 for v in logged["pooled"])  # random vectors: violations
     assert logged["plain"] == []
+
+
+def test_compile_keeps_parameter_names(make_cfg) -> None:
+    """compile=true compiles the encoders in place: the optimizer's backbone group (0.1x lr) and the
+    checkpoint keys still find ``net.vision.backbone.*`` and ``net.text.backbone.*``."""
+    from laps.cli.train import build_module
+
+    plain = build_module(make_cfg(["backbone=tiny"], name="plain"), 64)
+    compiled = build_module(make_cfg(["backbone=tiny", "compile=true"], name="compiled"), 64)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert any(k.startswith("net.vision.backbone.") for k in compiled.state_dict())

@@ -8,7 +8,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from laps.cli.common import metrics_table, one_line_errors, register_resolvers, validate_config, write_metrics
@@ -45,9 +44,9 @@ def build_module(cfg: DictConfig, vocab_size: int) -> L.LightningModule:
         )
     module.config_snapshot = OmegaConf.to_container(cfg, resolve=True)
     module.output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("compile"):
-        module.net.vision = torch.compile(module.net.vision)
-        module.net.text = torch.compile(module.net.text)
+    if cfg.get("compile"):  # in place: parameter names (optimizer groups, checkpoints) stay as they are
+        module.net.vision.compile()
+        module.net.text.compile()
     return module
 
 
