@@ -186,16 +186,26 @@ def test_ensure_synthetic_regenerates_only_on_change(tmp_path: Path) -> None:
     assert not sentinel.exists(), "not regenerated after a parameter change"
     assert json.loads((root / "meta.json").read_text())["params"]["seed"] == 1
     sentinel.write_text("x")
-    (root / "meta.json").unlink()  # as after an interrupted generation
-    ensure_synthetic(root, **{**params, "seed": 1})
+    ensure_synthetic(root, force=True, **{**params, "seed": 1})  # laps-make-synthetic --force
     assert not sentinel.exists() and (root / "meta.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name != "ds"], "temporary folders left behind"
-
-
-def test_ensure_synthetic_refuses_foreign_folder(tmp_path: Path) -> None:
-    (tmp_path / "precious.txt").write_text("keep me")
+    # without its meta.json the folder is no longer known to be a generated set: left alone
+    sentinel.write_text("x")
+    (root / "meta.json").unlink()
     with pytest.raises(FileExistsError):
-        ensure_synthetic(tmp_path, n_train=2, n_dev=1, n_test=1)
+        ensure_synthetic(root, force=True, **params)
+    assert sentinel.exists()
+
+
+@pytest.mark.parametrize("marker", [None, "vocab.txt", "meta.json"])
+def test_ensure_synthetic_refuses_foreign_folder(tmp_path: Path, marker: str | None) -> None:
+    """Only a folder whose meta.json names this generator is replaced: not a dataset folder with its
+    own vocabulary, nor one with some other meta.json."""
+    (tmp_path / "precious.txt").write_text("keep me")
+    if marker:
+        (tmp_path / marker).write_text('{"version": 1}' if marker == "meta.json" else "[PAD]\n")
+    with pytest.raises(FileExistsError):
+        ensure_synthetic(tmp_path, force=True, n_train=2, n_dev=1, n_test=1)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
@@ -215,4 +225,7 @@ def test_cli_generates(tmp_path: Path) -> None:
     args = ["--out", str(out), "--n-train", "4", "--n-dev", "2", "--n-test", "2", "--seed", "5", "-q"]
     assert main(args) == 0
     assert len(read_split(out, "dev")[0]) == 10
+    (out / "sentinel").write_text("x")
+    assert main([*args, "--force"]) == 0  # regenerated although current
+    assert not (out / "sentinel").exists() and len(read_split(out, "dev")[0]) == 10
     assert main(["--out", str(out), "--captions-per-image", "99", "-q"]) == 2

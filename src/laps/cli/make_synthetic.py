@@ -6,7 +6,6 @@ import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 from laps.data.synthetic import TEMPLATES, SyntheticParams, ensure_synthetic, num_possible_scenes
 
@@ -60,9 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         log.error("%s", err)
         return 2
-    if args.force:
-        Path(args.out, "meta.json").unlink(missing_ok=True)  # marks the set as stale
-    root = ensure_synthetic(args.out, **asdict(params))
+    root = ensure_synthetic(args.out, force=args.force, **asdict(params))
     log.info("synthetic set ready at %s", root)
     return 0
 

@@ -50,6 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+GENERATOR = "laps.data.synthetic"  # meta.json["generator"]: the mark of a folder this module may replace
 GENERATOR_VERSION = 1
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -313,7 +314,7 @@ def generate_synthetic(
     vocab_size = _write_tokenizer_files(out)
 
     meta = {
-        "generator": "laps.data.synthetic",
+        "generator": GENERATOR,
         "version": GENERATOR_VERSION,
         "params": asdict(p),
         "splits": {s: {"images": n, "captions": n * p.captions_per_image} for s, n in sizes.items()},
@@ -342,29 +343,34 @@ def _remove_old(root: Path) -> None:
     """Remove a previous synthetic set (or an empty folder); refuse to delete anything else."""
     if not root.exists():
         return
-    if any(root.iterdir()) and read_meta(root) is None and not (root / "vocab.txt").exists():
-        raise FileExistsError(f"{root} exists and is not a synthetic set; not overwriting it")
+    meta = read_meta(root)
+    if any(root.iterdir()) and (meta is None or meta.get("generator") != GENERATOR):
+        raise FileExistsError(
+            f"{root} exists and is not a synthetic set made by {GENERATOR} (its meta.json says so); "
+            "not overwriting it: remove it yourself or choose another dataset.root"
+        )
     trash = root.with_name(f".{root.name}.old-{os.getpid()}")
     root.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def ensure_synthetic(root: str | os.PathLike, **params: Any) -> Path:
-    """Generate the set at ``root`` unless its ``meta.json`` records the same parameters; return ``root``.
+def ensure_synthetic(root: str | os.PathLike, force: bool = False, **params: Any) -> Path:
+    """Generate the set at ``root`` unless its ``meta.json`` records the same parameters (or ``force``);
+    return ``root``.
 
     ``params`` are those of :func:`generate_synthetic` (defaults filled in). Generation goes into a
     temporary folder beside ``root`` that is renamed into place when complete.
     """
     root = Path(root)
     p = SyntheticParams(**params)
-    if _is_current(root, p):
+    if not force and _is_current(root, p):
         log.info("synthetic set at %s is up to date", root)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         generate_synthetic(tmp, **asdict(p))
-        if _is_current(root, p):  # another process finished first
+        if not force and _is_current(root, p):  # another process finished first
             return root
         _remove_old(root)
         tmp.chmod(0o755)
