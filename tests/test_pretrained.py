@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,26 +38,22 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-# Failing fast is the feature: no download attempts, no retries, nothing built or read before the check.
-# Wall clock is generous (importing torch/lightning/transformers alone took 30-45 s on a loaded 2-core
-# machine, against 5 s idle) and catches hangs; the child's CPU time (about 5 s: the imports) is the
-# tighter check that nothing is built or read before the failure.
-MAX_WALL_S = 120.0
-MAX_CPU_S = 30.0
+# Failing fast is the feature: no download attempts, no retries, nothing built or written before the
+# check. The subprocess timeout only catches hangs; speed is not asserted here.
 
 
-def run_train_cli(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], float, float]:
-    """``laps-train ARGS`` offline; returns the result, its wall-clock and its CPU seconds."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    result = subprocess.run(
+def run_train_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``laps-train ARGS`` offline, in ``tmp_path``."""
+    return subprocess.run(
         [sys.executable, "-c", "from laps.cli.train import main; main()", *args, f"paths.root_dir={tmp_path}"],
         check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=offline_env(tmp_path),
     )
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return result, wall, cpu
+
+
+def assert_nothing_written(root: Path) -> None:
+    """No checkpoint, logged metric or metrics file: the run stopped before building anything."""
+    for pattern in ("*.ckpt", "metrics.csv", "metrics.json", "events.out.tfevents.*"):
+        assert not list(root.rglob(pattern)), pattern
 
 
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -79,25 +73,24 @@ def f30k_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_offline_pretrained_vit_fails_fast_with_one_message(tmp_path: Path, f30k_small: Path) -> None:
-    result, wall, cpu = run_train_cli(["experiment=f30k_vit", f"dataset.root={f30k_small}", "trainer=cpu"], tmp_path)
+    result = run_train_cli(["experiment=f30k_vit", f"dataset.root={f30k_small}", "trainer=cpu"], tmp_path)
     msg = error_line(result)
     assert "google/vit-base-patch16-224-in21k" in msg
     assert "HF_HUB_OFFLINE" in msg
     assert "backbone.vision.name_or_path=" in msg  # (1) a local folder
     assert "HF_HOME" in msg  # (2) the cache
     assert "backbone.pretrained=false" in msg  # (3) random initialisation
-    assert wall < MAX_WALL_S and cpu < MAX_CPU_S, f"took {wall:.1f} s ({cpu:.1f} s CPU) to fail"
-    assert not list(tmp_path.rglob("*.ckpt"))
+    assert_nothing_written(tmp_path)
 
 
 def test_offline_random_init_still_needs_a_local_tokenizer(tmp_path: Path, f30k_small: Path) -> None:
     """Way out (3) leaves the bert-base-uncased vocabulary to find: its own one-line message."""
-    result, wall, cpu = run_train_cli(
+    result = run_train_cli(
         ["experiment=f30k_vit", f"dataset.root={f30k_small}", "trainer=cpu", "backbone.pretrained=false"], tmp_path
     )
     msg = error_line(result)
     assert "'bert-base-uncased'" in msg and "dataset.tokenizer=" in msg
-    assert wall < MAX_WALL_S and cpu < MAX_CPU_S, f"took {wall:.1f} s ({cpu:.1f} s CPU) to fail"
+    assert_nothing_written(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ local folders
