@@ -38,22 +38,37 @@ def test_ratio_loss_moves_kept_fraction_toward_sparse_ratio() -> None:
     assert abs(end - 0.3) < abs(start - 0.3) - 0.03, (start, end)
 
 
-def test_inference_keeps_top_k_by_decision_score() -> None:
+def test_inference_keeps_top_k_by_decision_score(monkeypatch: pytest.MonkeyPatch) -> None:
+    from laps.models import gumbel
+
+    torch.manual_seed(0)
     head = LAPSHead(32, 49, sparse_ratio=0.3, aggr_ratio=0.6, has_cls=True, selection="gumbel").eval()
     img, cap, lens = _inputs(1)
+    scores = []
+    monkeypatch.setattr(gumbel, "decision_scores", lambda *a: scores.append(decision_scores(*a)) or scores[-1])
     with torch.no_grad():
         sims, mask = head.similarity(img, cap, lens, return_mask=True)
     assert sims.shape == (6, 6) and torch.isfinite(sims).all()
-    assert (mask.sum(-1) == math.ceil(49 * 0.3)).all()
+    k = math.ceil(49 * 0.3)
+    assert (mask.sum(-1) == k).all()
+    s = torch.cat(scores, dim=1)  # (B_v, B_t, N), blocks of captions in order
+    assert torch.equal(mask, torch.zeros_like(s).scatter_(-1, s.topk(k, dim=-1).indices, 1.0))
 
 
 def test_straight_through_decisions_are_hard_and_never_empty() -> None:
-    s = torch.full((2, 3, 10), 1e-4, requires_grad=True)
+    torch.manual_seed(0)
+    s = torch.full((2, 3, 10), 1e-4, requires_grad=True)  # nearly always keeps nothing: the fallback
     keep = decide(s, num_keep=3, tau=1.0, training=True)
     assert set(keep.detach().unique().tolist()) <= {0.0, 1.0}
     assert (keep.detach().sum(-1) >= 1).all()
     keep.sum().backward()
     assert s.grad is not None
+    # the straight-through estimator: hard decisions forward, a gradient backward
+    s = torch.full((2, 3, 10), 0.5, requires_grad=True)
+    keep = decide(s, num_keep=3, tau=1.0, training=True)
+    assert set(keep.detach().unique().tolist()) <= {0.0, 1.0}
+    keep.sum().backward()
+    assert s.grad.abs().sum() > 0
 
 
 def test_decision_score_mixes_prediction_and_normalised_attention() -> None:

@@ -267,9 +267,13 @@ def test_padding_words_do_not_matter() -> None:
     noisy = cap.clone()
     for t, n in enumerate(lens.tolist()):
         noisy[t, n:] = 1e3 * torch.randn_like(noisy[t, n:])
-    a, _ = head.similarity(img, cap, lens)
-    b, _ = head.similarity(img, noisy, lens)
+    grad = upstream_grad((img.shape[0], cap.shape[0]), "dense")
+    a, _, d_img_a, d_cap_a, _ = run_with_grads(lambda i, c: head.similarity(i, c, lens), head, img, cap, grad)
+    b, _, d_img_b, d_cap_b, _ = run_with_grads(lambda i, c: head.similarity(i, c, lens), head, img, noisy, grad)
     assert rel_err(b, a) <= 1e-12
+    assert rel_err(d_img_b, d_img_a) <= 1e-12
+    for t, n in enumerate(lens.tolist()):
+        assert rel_err(d_cap_b[t, :n], d_cap_a[t, :n]) <= 1e-12
 
 
 def test_large_logits_stay_finite() -> None:
@@ -285,12 +289,13 @@ def test_large_logits_stay_finite() -> None:
 
 
 # ---------------------------------------------------------------------------- autocast
-def test_bf16_autocast_cpu_close_to_fp32() -> None:
-    head, img, cap, lens = random_case("vit-b16", torch.float32, "cpu", seed=5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_close_to_fp32(device: str) -> None:
+    head, img, cap, lens = random_case("vit-b16", torch.float32, device, seed=5)
     head.eval()
     with torch.no_grad():
         ref = head(img, cap, lens)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             low = head(img, cap, lens)
             low_bf16_inputs = head(img.bfloat16(), cap.bfloat16(), lens)
     assert low.dtype == torch.float32
@@ -311,18 +316,6 @@ def test_bf16_autocast_backward_runs() -> None:
     assert torch.isfinite(img.grad).all()
     assert rel_err(img.grad, ref[2]) <= 0.25
     assert mask.dtype == torch.float32
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_bf16_autocast_cuda_close_to_fp32() -> None:
-    head, img, cap, lens = random_case("vit-b16", torch.float32, "cuda", seed=5)
-    head.eval()
-    with torch.no_grad():
-        ref = head(img, cap, lens)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            low = head(img, cap, lens)
-    assert rel_err(low, ref) <= 1e-2
 
 
 # ---------------------------------------------------------------------------- validation
@@ -347,17 +340,11 @@ def test_ratio_pair_without_aggregated_token() -> None:
         LAPSHead(32, 9, sparse_ratio=0.5, aggr_ratio=0.2)  # int(9 * 0.2 * 0.5) = 0
 
 
-@pytest.mark.parametrize("bad", [[6, 4, 3], [0, 4, 3], [3, -1, 2]])
+@pytest.mark.parametrize("bad", [[6, 4, 3], [0, 4, 3], [3, -1, 2], [1, 2]])  # the last: one length missing
 def test_bad_cap_lens(bad: list[int]) -> None:
     head = LAPSHead(8, 4, 0.5, 0.5)
     with pytest.raises(ValueError, match="cap_lens"):
         head.similarity(torch.randn(2, 5, 8), torch.randn(3, 5, 8), torch.tensor(bad))
-
-
-def test_cap_lens_count_mismatch() -> None:
-    head = LAPSHead(8, 4, 0.5, 0.5)
-    with pytest.raises(ValueError, match="cap_lens"):
-        head.similarity(torch.randn(2, 5, 8), torch.randn(3, 5, 8), torch.tensor([1, 2]))
 
 
 @pytest.mark.parametrize(("img_dim", "cap_dim"), [(8, 6), (6, 8), (6, 6)])
