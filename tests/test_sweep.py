@@ -139,14 +139,14 @@ def test_optuna_search_config() -> None:
         cfg = compose("train", overrides=["hparams_search=laps_optuna"], return_hydra_config=True)
     GlobalHydra.instance().clear()
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-    assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/rsum"
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/rsum_best"
     assert set(cfg.hydra.sweeper.params) >= {"ratios.sparse_ratio", "ratios.aggr_ratio"}
     assert cfg.hydra.callbacks.sweep_summary._target_ == "laps.training.callbacks.SweepSummary"
 
 
 @pytest.mark.slow
 def test_optuna_search_runs(tmp_path: Path, sweep_data: Path) -> None:
-    """Two Optuna trials: each a job folder with its metrics; the sweeper gets val/rsum back."""
+    """Two Optuna trials: each a job folder with its metrics; the sweeper gets val/rsum_best back."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "LAPS_RUN_STAMP": "optuna"}
     cmd = [*laps_train(), "hparams_search=laps_optuna", "hydra.sweeper.n_trials=2", f"paths.root_dir={tmp_path}",
@@ -156,7 +156,7 @@ def test_optuna_search_runs(tmp_path: Path, sweep_data: Path) -> None:
     sweep_dir = tmp_path / "logs" / "train" / "multiruns" / "optuna"
     results = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert results.name == "optuna" and isinstance(results.best_value, float)
-    best = max(json.loads((sweep_dir / j / "metrics.json").read_text())["val/rsum"] for j in ("0", "1"))
+    best = max(json.loads((sweep_dir / j / "metrics.json").read_text())["val/rsum_best"] for j in ("0", "1"))
     assert results.best_value == pytest.approx(best)
     assert not any(k.startswith("test/") for k in json.loads((sweep_dir / "0" / "metrics.json").read_text()))
     assert len(list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -57,6 +58,14 @@ def test_train_then_eval_round_trip(make_cfg, tmp_path: Path) -> None:
     assert json.loads((Path(eval_cfg.paths.output_dir) / "metrics.json").read_text())["test/rsum"] == pytest.approx(
         written["test/rsum"]
     )
+    # the monitored metric's best epoch, beside the last epoch's val/...
+    logged = [float(r["val/rsum"]) for r in csv.DictReader((out / "csv" / "metrics.csv").open()) if r.get("val/rsum")]
+    assert len(logged) == 2 and written["val/rsum_best"] == pytest.approx(max(logged))
+    # train=false tests the given checkpoint, as laps-eval does
+    only_test = train(make_cfg([*CPU_FAST, "train=false", f"ckpt_path={best}"], name="test_only"))
+    assert only_test["test/rsum"] == pytest.approx(written["test/rsum"], abs=1e-4)
+    with pytest.raises(ValueError, match="ckpt_path"):
+        train(make_cfg([*CPU_FAST, "train=false"], name="nothing_to_test"))
 
 
 def _run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:

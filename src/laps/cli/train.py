@@ -82,10 +82,15 @@ def resolve_ckpt(ckpt_path: str | None, output_dir: str) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, then test the best checkpoint; returns every logged metric (``val/...``, ``test/...``)."""
+    """Fit, then test the best checkpoint; returns every logged metric (``val/...`` of the last epoch,
+    ``val/..._best`` the monitored metric's best value, ``test/...``). With ``train=false`` the
+    ``ckpt_path`` checkpoint is tested."""
     validate_config(cfg)
     check_pretrained_available(cfg.get("backbone"))  # offline: fail before reading any data
-    resume = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir) if cfg.get("train", True) else None
+    ckpt = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    fitting = cfg.get("train", True)
+    if not fitting and cfg.get("test", True) and ckpt is None:
+        raise ValueError("train=false tests a checkpoint: set ckpt_path=... (or use laps-eval)")
     datamodule = build_datamodule(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -97,15 +102,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    if fitting:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    checkpointing = trainer.checkpoint_callback
+    if fitting and checkpointing is not None and checkpointing.best_model_score is not None:
+        metrics[f"{checkpointing.monitor}_best"] = float(checkpointing.best_model_score)
 
     if cfg.get("test", True) and not trainer.fast_dev_run:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = (checkpointing.best_model_path if checkpointing else "") if fitting else ckpt
         if best:
-            log.info("testing the best checkpoint (val/rsum): %s", best)
-            resolve_ckpt(best, cfg.paths.output_dir)
+            log.info("testing %s", best)  # read with the allow-list by the trainer's checkpoint IO
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
         metrics.update(test)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("laps")
 
-KEY_METRICS = ("val/rsum", "test/rsum", "test/i2t_R@1", "test/t2i_R@1", "test_1k/rsum")
+KEY_METRICS = ("val/rsum_best", "val/rsum", "test/rsum", "test/i2t_R@1", "test/t2i_R@1", "test_1k/rsum")
 
 
 # ---------------------------------------------------------------------------- sweeps
@@ -98,7 +98,7 @@ def summarize_sweep(
             **{m: job["metrics"].get(m, "") for m in all_metrics},
         })
     best = None
-    sort_by = sort_by or next((m for m in ("val/rsum", "test/rsum") if m in all_metrics), None)
+    sort_by = sort_by or next((m for m in ("val/rsum_best", "val/rsum", "test/rsum") if m in all_metrics), None)
     scored = [r for r in rows if isinstance(r.get(sort_by), (int, float))] if sort_by else []
     if scored:
         best = max(scored, key=lambda r: r[sort_by])["job"]
@@ -144,7 +144,8 @@ class SweepSummary(Callback):
     Args:
         filename: stem of the files written in the sweep directory.
         key_metrics: the metrics of the Markdown and printed tables (the CSV has all of them).
-        sort_by: the metric that picks the best job (default ``val/rsum``, else ``test/rsum``).
+        sort_by: the metric that picks the best job (default ``val/rsum_best``, the best epoch's, else
+            ``val/rsum``, else ``test/rsum``).
     """
 
     def __init__(self, filename: str = "sweep_summary", key_metrics: Sequence[str] = KEY_METRICS,
