@@ -19,7 +19,7 @@ from helpers.pickles import unrestricted_unpickle
 from helpers.standins import build_wordpiece_vocab, make_f30k_standin, read_lines, shared_data
 from laps.cli import import_official
 from laps.cli.eval import evaluate, run_config
-from laps.cli.train import build_datamodule, build_module, resolve_ckpt
+from laps.cli.train import build_datamodule, build_module, checkpoint_file
 from laps.compat.serialization import safe_load
 
 CASES = ["official_tiny", "official_tiny_swin"]
@@ -58,7 +58,7 @@ def test_imported_checkpoint_reproduces_official(name: str, vocab1000: Path, f30
     # The eval path, as laps.cli.eval.evaluate builds it (laps-eval ckpt_path=... +overrides.dataset.root=...).
     cfg = compose_train([f"ckpt_path={out}", "trainer=cpu", f"+overrides.dataset.root={f30k_small}",
                          "+overrides.dataset.num_workers=0"], tmp_path / "eval", tmp_path, "eval")
-    checkpoint = safe_load(resolve_ckpt(cfg.ckpt_path, cfg.paths.output_dir))
+    checkpoint = safe_load(checkpoint_file(cfg.ckpt_path, cfg.paths.output_dir))
     run_cfg = run_config(cfg, checkpoint)
     datamodule = build_datamodule(run_cfg)
     assert datamodule.vocab_size == 1000

@@ -9,7 +9,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from laps.cli.common import metrics_table, one_line_errors, register_resolvers, write_metrics
-from laps.cli.train import build_datamodule, build_module, resolve_ckpt
+from laps.cli.train import build_datamodule, build_module, checkpoint_file
 from laps.paths import config_dir
 
 log = logging.getLogger("laps")
@@ -57,8 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from the checkpoint, test it, return the ``test/...`` metrics."""
     from laps.compat.serialization import safe_load
 
-    path = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_dir)
-    checkpoint = safe_load(path)
+    checkpoint = safe_load(checkpoint_file(cfg.ckpt_path, cfg.paths.output_dir))
     run_cfg = run_config(cfg, checkpoint)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

@@ -68,15 +68,23 @@ def fit_caption_length(datamodule: Any, module: L.LightningModule) -> None:
         snapshot["dataset"]["max_words"] = positions - 2  # laps-eval then tokenizes the same way
 
 
-def resolve_ckpt(ckpt_path: str | None, output_dir: str) -> str | None:
-    """``last`` -> the run directory's ``checkpoints/last.ckpt``; paths are checked as safe to load."""
+def checkpoint_file(ckpt_path: str | None, output_dir: str) -> Path | None:
+    """``last`` -> the run directory's ``checkpoints/last.ckpt``, else the path; it must exist."""
     if not ckpt_path:
         return None
-    from laps.compat.serialization import safe_load
-
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {path}")
+    return path
+
+
+def resolve_ckpt(ckpt_path: str | None, output_dir: str) -> str | None:
+    """:func:`checkpoint_file`, checked as safe to load before any data is read."""
+    from laps.compat.serialization import safe_load
+
+    path = checkpoint_file(ckpt_path, output_dir)
+    if path is None:
+        return None
     safe_load(path)  # refuses anything but tensors and plain containers before Lightning reads it
     return str(path)
 

@@ -154,7 +154,8 @@ class LAPSLitModule(LightningModule):
             max_words = getattr(getattr(self.trainer, "datamodule", None), "max_words", "?")
             log.warning("epoch %d: %d training captions truncated to dataset.max_words=%s word pieces",
                         self.current_epoch, self.truncated_captions, max_words)
-        self.log("train/skipped_images", float(len(self.skipped_images)))
+        # ranks read disjoint shards of the split: the sum counts every skipped image once
+        self.log("train/skipped_images", float(len(self.skipped_images)), sync_dist=True, reduce_fx="sum")
         self.log("train/truncated_captions", float(self.truncated_captions), sync_dist=True, reduce_fx="sum")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
