@@ -46,10 +46,20 @@ _WORD_EMBEDDINGS = "text.backbone.embeddings.word_embeddings.weight"
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` (or ``None``) -> ``cuda`` when available, else ``cpu``; anything else as ``torch.device``."""
+    """``auto`` (or ``None``) -> ``cuda`` when available, else ``cpu``; anything else as ``torch.device``
+    (``ValueError`` for CUDA on a machine without it)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: no CUDA device is available")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA), so that wall-clock timings measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def inference_config(stored: dict[str, Any], overrides: dict[str, Any] | None = None):

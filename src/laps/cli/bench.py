@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from laps.inference import resolve_device, synchronize
+
 log = logging.getLogger("laps")
 
 # Backbone presets of the official recipes (``LAPS.md``): base config name, head shapes, ratios.
@@ -58,15 +60,6 @@ LOSSES = ("hardest", "dense")
 
 
 # ---------------------------------------------------------------------------- inputs and timing
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def make_embeddings(
     n_img: int, n_cap: int, args: argparse.Namespace, device: torch.device, seed: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,11 +111,6 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_interleaved(
     fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
 ) -> dict[str, float]:
@@ -133,10 +121,10 @@ def time_interleaved(
     best = {name: float("inf") for name in fns}
     for _ in range(max(1, repeats)):
         for name, fn in fns.items():
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 
@@ -259,11 +247,11 @@ def memory_growth(impl: str, args: argparse.Namespace, device: torch.device) -> 
     head_step(impl, head, *small, "dense")  # initialise libraries and thread pools, not the big buffers
     head.zero_grad(set_to_none=True)
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         head_step(impl, head, img, cap, lens, "dense")
-        _sync(device)
+        synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -346,14 +334,14 @@ def bench_train_step(args: argparse.Namespace, device: torch.device) -> dict[str
     for _ in range(2):
         step()
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(max(1, args.train_steps)):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     best = min(times)
     out = {
@@ -507,7 +495,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.memory_worker:
         print(json.dumps({"bytes": memory_growth(args.memory_worker, args, device)}))
         return {}
-    worker_argv = [a for a in argv if a != "--no-reference"]
     results: dict[str, Any] = {}
     if args.head_train:
         log.info("head training step, batch %d", args.batch)
@@ -517,7 +504,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         results["scoring"] = bench_scoring(args, device)
     if args.memory:
         log.info("memory of a training step, batch %d", args.memory_batch)
-        results["memory"] = bench_memory(args, device, worker_argv)
+        results["memory"] = bench_memory(args, device, argv)
     if args.train_step:
         log.info("full training step, %s, batch %d", args.train_step, args.batch)
         results["train_step"] = bench_train_step(args, device)

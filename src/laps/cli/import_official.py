@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -48,6 +47,7 @@ def import_official(path: str | Path, out: str | Path, vision_config: str | None
     from hydra.utils import instantiate
 
     from laps.compat.official import load_official_checkpoint, read_official_checkpoint
+    from laps.training.checkpointing import atomic_torch_save
 
     register_resolvers()
     official = read_official_checkpoint(path)
@@ -76,10 +76,7 @@ def import_official(path: str | Path, out: str | Path, vision_config: str | None
         "global_step": int(official.eiters or 0),
     }
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(out)
+    atomic_torch_save(checkpoint, out)
     log.info("wrote %s: evaluate it with `laps-eval ckpt_path=%s`", out, out)
     return out
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import textwrap
 import time
@@ -42,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from laps.inference import synchronize
 from laps.models.pooling import pool_image, pool_text
+from laps.training.checkpointing import atomic_torch_save
 
 log = logging.getLogger("laps")
 
@@ -75,13 +76,6 @@ def load_index(path: str | Path) -> dict[str, Any]:
     if int(data.get("version", 0)) > INDEX_VERSION:
         raise ValueError(f"{path}: index version {data['version']} is newer than this laps ({INDEX_VERSION})")
     return data
-
-
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -236,10 +230,10 @@ def build_index(
                 encoded += len(good)
             bar.update(len(items))
             if n_batch % save_every == 0:
-                _save_atomic(snapshot(complete=False), out)
+                atomic_torch_save(snapshot(complete=False), out)
     finally:
         bar.close()
-    _save_atomic(snapshot(complete=True), out)
+    atomic_torch_save(snapshot(complete=True), out)
     seconds = time.perf_counter() - start
     log.debug("wrote %s: %d images (%d encoded now, %d failed) in %.1f s", out, len(paths), encoded, len(failed), seconds)
     return IndexReport(str(out), len(paths), encoded, reused, failed, removed, seconds)
@@ -309,11 +303,6 @@ def _prepare_images(head: Any, emb: Tensor, rows: Tensor, block: int, device: to
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def search(
     engine: Any,
@@ -352,10 +341,10 @@ def search(
     paths = index["paths"]
     n_q = len(queries)
 
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     cap, lens = engine.encode_captions(list(queries))
-    _sync(device)
+    synchronize(device)
     t_text = time.perf_counter() - t0
 
     def laps_scores(img: Tensor, q: slice) -> Tensor:  # (n, len(q)) on the CPU
@@ -369,7 +358,7 @@ def search(
     if rerank is None:
         t0 = time.perf_counter()
         sims = laps_scores(emb, slice(0, n_q))  # (n_img, n_q)
-        _sync(device)
+        synchronize(device)
         t_stage2 = time.perf_counter() - t0
         k = min(top_k, n_img)
         top = sims.topk(k, dim=0)
@@ -385,7 +374,7 @@ def search(
     pooled = prerank_vectors(index, prerank).to(device)
     cos = pool_text(cap, lens) @ pooled.t()  # (n_q, n_img)
     cand = cos.topk(k_re, dim=1)
-    _sync(device)
+    synchronize(device)
     t_stage1 = time.perf_counter() - t0
     t0 = time.perf_counter()
     # The image-only work of the head (prepare_images) is done once per candidate image of a group of
@@ -407,7 +396,7 @@ def search(
                 queries[j], chosen.tolist(), [paths[i] for i in chosen.tolist()], top.values.tolist(),
                 cand_val[j][top.indices].tolist(),
             ))
-    _sync(device)
+    synchronize(device)
     t_stage2 = time.perf_counter() - t0
     stats = SearchStats("rerank", n_q, n_img, k_re * n_q, n_img * n_q, t_text / n_q, t_stage1 / n_q,
                         t_stage2 / n_q, rerank=k_re, prerank=prerank)

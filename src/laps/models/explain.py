@@ -16,12 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from laps.models.head import LAPSHead
+from laps.models.head import LEAKY_SLOPE, NORM_EPS, LAPSHead
 
-__all__ = ["LEAKY_SLOPE", "NORM_EPS", "explain_pair"]
+__all__ = ["explain_pair"]
 
-LEAKY_SLOPE = 0.1  # LAPS.md step 8
-NORM_EPS = 1e-12  # as F.normalize
 
 
 @torch.no_grad()

@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from laps.models.head import block_pairs
+from laps.models.head import LEAKY_SLOPE, block_pairs
 
-LEAKY_SLOPE = 0.1
 EPS = 1e-6
 
 
