@@ -130,12 +130,12 @@ class LAPSDataModule(LightningDataModule):
             self._split(s)
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset, batch_size: int, collate, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, collate) -> DataLoader:
+        """An evaluation loader: in order, nothing dropped."""
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -190,8 +190,8 @@ class LAPSDataModule(LightningDataModule):
         images = ImageDataset(split, transform=transform, image_size=self.image_size, on_bad_image=self.on_bad_image)
         captions = CaptionDataset(split, self.tokenizer)
         return [
-            self._loader(images, self.eval_batch_size, images.collate, shuffle=False, drop_last=False),
-            self._loader(captions, self.eval_batch_size * 4, captions.collate, shuffle=False, drop_last=False),
+            self._loader(images, self.eval_batch_size, images.collate),
+            self._loader(captions, self.eval_batch_size * 4, captions.collate),
         ]
 
     def val_dataloader(self) -> list[DataLoader]:

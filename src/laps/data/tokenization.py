@@ -110,7 +110,7 @@ class CaptionTokenizer:
         option: config key named in errors.
 
     Counters (of this process; DataLoader workers count their own): ``num_captions``, ``num_truncated``,
-    ``max_pieces_seen``; ``summary()`` / ``log_summary()`` report them.
+    ``max_pieces_seen``; ``summary()`` reports them.
     """
 
     def __init__(
@@ -236,10 +236,6 @@ class CaptionTokenizer:
             f"{self.num_captions} captions tokenized, {self.num_truncated} ({frac:.2%}) truncated to "
             f"max_words={self.max_words}, longest {self.max_pieces_seen} word pieces"
         )
-
-    def log_summary(self, level: int = logging.INFO) -> None:
-        """Log ``summary()`` (at WARNING when any caption was truncated, else ``level``)."""
-        log.log(logging.WARNING if self.num_truncated else level, "Tokenizer: %s", self.summary())
 
     def __repr__(self) -> str:
         return (

@@ -7,7 +7,6 @@ spatial tokens it returns; nothing is guessed from the token count.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -190,9 +189,3 @@ class TextEncoder(nn.Module):
         mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < lengths[:, None]
         out = self.backbone(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         return self.proj(out)
-
-
-def local_config_dir(path: str | Path) -> Path:
-    """A folder holding ``config.json``, given the folder or the file itself."""
-    path = Path(path)
-    return path.parent if path.is_file() else path

@@ -42,8 +42,7 @@ class BackboneUnavailableError(RuntimeError):
 
 
 def _offline_message(name: str, cause: BaseException | None, option: str) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
-    why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+    why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub could not be reached"
     return (
         f"Cannot load {name!r}: it is not in the local cache and {why}"
         f"{f' ({type(cause).__name__})' if cause else ''}. Ways out: "
