@@ -532,12 +532,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``laps-bench``."""
+    from laps.cli.common import one_line_errors
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(argv)
-    except ValueError as err:
-        print(f"laps-bench: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    one_line_errors(run)(argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field
@@ -505,19 +504,11 @@ def run(args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from laps.cli.common import user_error
+    from laps.cli.common import one_line_errors
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(args)
-    except Exception as err:
-        cause = user_error(err)
-        if cause is None:
-            raise
-        text = str(cause).strip()
-        print(f"error: {text.splitlines()[0] if text else type(cause).__name__}", file=sys.stderr)
-        sys.exit(2)
+    one_line_errors(run)(args)
 
 
 if __name__ == "__main__":

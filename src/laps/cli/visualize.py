@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import re
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -226,20 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from laps.cli.common import user_error
+    from laps.cli.common import one_line_errors
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        records = visualize(args.ckpt, args.image, args.captions, args.out, args.token, args.device,
-                            args.tokenizer, args.dpi)
-    except Exception as err:
-        cause = user_error(err)
-        if cause is None:
-            raise
-        print(f"error: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}",
-              file=sys.stderr)
-        sys.exit(2)
+    records = one_line_errors(visualize)(args.ckpt, args.image, args.captions, args.out, args.token, args.device,
+                                         args.tokenizer, args.dpi)
     for r in records:
         print(f"{r['similarity']:8.4f}  {r['png']}")
 
