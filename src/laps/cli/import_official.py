@@ -46,12 +46,12 @@ def import_official(path: str | Path, out: str | Path, vision_config: str | None
     """Convert ``path`` and write ``out`` (``state_dict`` + ``laps_config``); returns ``out``."""
     from hydra.utils import instantiate
 
-    from laps.compat.official import load_official_checkpoint, read_official_checkpoint
+    from laps.compat.official import model_from_official, read_official_checkpoint
     from laps.training.checkpointing import atomic_torch_save
 
     register_resolvers()
-    official = read_official_checkpoint(path)
-    model = load_official_checkpoint(path, vision_config, text_config)
+    official = read_official_checkpoint(path)  # read once: official files are about 1 GB
+    model = model_from_official(official, vision_config, text_config, source=path)
     vocab = int(model.text.backbone.config.vocab_size)
     overrides = official_overrides(official.hparams, vision_config, text_config, tokenizer, vocab)
     with initialize_config_dir(config_dir(), version_base="1.3"):
@@ -61,8 +61,9 @@ def import_official(path: str | Path, out: str | Path, vision_config: str | None
         cfg.paths.work_dir = "."
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     rebuilt = instantiate(cfg.model.net)
-    state = {f"net.{k}": v for k, v in model.state_dict().items()}
-    missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
+    weights = model.state_dict()
+    state = {f"net.{k}": v for k, v in weights.items()}
+    missing, unexpected = rebuilt.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(
             f"{path}: the converted weights do not fit the laps configuration (missing {missing[:5]}, "

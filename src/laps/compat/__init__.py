@@ -6,6 +6,7 @@ from laps.compat.official import (
     load_head_state_dict,
     load_official_checkpoint,
     load_official_state_dict,
+    model_from_official,
     official_hparams,
     read_official_checkpoint,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "load_head_state_dict",
     "load_official_checkpoint",
     "load_official_state_dict",
+    "model_from_official",
     "official_hparams",
     "read_official_checkpoint",
     "safe_load",

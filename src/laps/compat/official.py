@@ -521,13 +521,22 @@ def load_official_checkpoint(
         UnsafeCheckpointError: the file needs globals outside the allow-list.
         ValueError: unknown, missing or wrongly shaped parameters (all listed).
     """
-    ckpt = read_official_checkpoint(path)
+    return model_from_official(read_official_checkpoint(path), vision_config, text_config, source=path)
+
+
+def model_from_official(
+    ckpt: OfficialCheckpoint,
+    vision_config: str | os.PathLike | None = None,
+    text_config: str | os.PathLike | None = None,
+    source: str | os.PathLike = "",
+) -> LAPSModel:
+    """:func:`load_official_checkpoint` of a checkpoint already read (:func:`read_official_checkpoint`)."""
     hparams = ckpt.hparams
     model = build_official_model(hparams, vision_config, text_config)
     load_official_state_dict(model, ckpt.state_dict)
     log.info(
         "Loaded official LAPS checkpoint %s (epoch %s, rsum %s): %s, embed_size %d, ratios %s/%s",
-        path,
+        source,
         ckpt.epoch,
         ckpt.best_rsum,
         hparams["vision_backbone"] if vision_config is None else vision_config,
