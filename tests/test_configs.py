@@ -36,9 +36,25 @@ def test_experiment_composes(experiment: str) -> None:
     "group", ["backbone", "dataset", "ratios", "trainer", "logger", "callbacks", "debug", "model"]
 )
 def test_every_group_option_composes(group: str) -> None:
+    from hydra.utils import get_object
+
     for option in _options(group):
         cfg = _compose([f"{group}={option}"])
         assert cfg is not None
+        composed = OmegaConf.to_container(cfg, resolve=False)
+        composed.pop("hydra", None)
+        for target in _targets(composed):  # every class or function the composed config names exists
+            assert callable(get_object(target)), (group, option, target)
+
+
+def _targets(node) -> list[str]:
+    """Every ``_target_`` in a config container, nested ones included."""
+    if isinstance(node, dict):
+        own = [node["_target_"]] if isinstance(node.get("_target_"), str) else []
+        return own + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_list(cfg.get("callbacks"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams(module.config_snapshot)  # the resolved config, caption length fitted
 
     if fitting:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)

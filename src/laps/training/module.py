@@ -54,7 +54,7 @@ class LAPSLitModule(LightningModule):
         embedding_warmup_epochs: the epoch in which the contrastive term ramps up from 0 to 1.
         max_nonfinite_steps: consecutive skipped steps (NaN/Inf loss or gradient) before stopping.
         eval_image_block: images per scoring step in validation and test.
-        save_sims: write the test similarity matrix as ``sims_{split}.pt`` in the run directory.
+        save_sims: write the test similarity matrix as ``sims_test.pt`` in the run directory.
         selection, attention_weight, gumbel_tau: the head's patch selection (``model.selection``);
             the head is built with them (``net``), they are recorded here and checked to agree.
     """
