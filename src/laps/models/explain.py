@@ -42,8 +42,8 @@ def explain_pair(head: LAPSHead, img_embs: Tensor, cap_embs: Tensor, cap_lens: T
           ``t2i`` and ``i2t`` ``(V, T)``: its two terms (LAPS.md step 8);
         * ``salience`` ``(V, N)``: ``s_img``; ``relevance`` ``(V, T, N)``: ``s_txt``;
           ``score`` ``(V, T, N)``: ``s_img + s_txt``, the selection score;
-        * ``kept_indices`` ``(V, T, K)`` long: the kept patches in the head's order (score
-          descending); ``keep`` ``(V, T, N)`` bool: the ``score_mask``;
+        * ``kept_indices`` ``(V, T, K)`` long: the kept patches by selection score,
+          descending (the official order); ``keep`` ``(V, T, N)`` bool: the ``score_mask``;
         * ``fuse_weights`` ``(V, T, N)``: softmax weights of the dropped patches in the fusion
           token, zeros on kept patches (all zeros when nothing is dropped);
         * ``aggregation_weights`` ``(V, T, M, N)``: for each aggregated token the softmax over the
