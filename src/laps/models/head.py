@@ -264,7 +264,7 @@ class LAPSHead(nn.Module):
             feedback=self._grad_feedback,
             return_mask=return_mask,
         )
-        selection = (image["patches_n"], image["salience"], caption["query"])
+        selection = (image["patch_norm"], image["salience"], caption["query"])
         diff = (tokens, image["gram"], image["weights"], image["cls_norm"], words)
         if torch.is_grad_enabled() and any(t.requires_grad for t in diff):
             sims, mask = _PairScores.apply(*diff, caption["lens"], *selection, config)
@@ -285,8 +285,9 @@ class LAPSHead(nn.Module):
     def prepare_images(self, img_embs: Tensor) -> dict[str, Tensor]:
         """Caption-independent work, once per image.
 
-        Returns ``tokens`` (B_v, L_v, C) as given; ``patches_n`` (B_v, N, C) normalised and
-        ``salience`` (B_v, N) for the selection (no gradient); ``gram`` (B_v, N, N) ``P P^T``;
+        Returns ``tokens`` (B_v, L_v, C) as given; for the selection (no gradient) ``patch_norm``
+        (B_v, N), the patches' norms (at least the normalisation's eps), and ``salience`` (B_v, N),
+        the cosine of each patch with the patches' mean; ``gram`` (B_v, N, N) ``P P^T``;
         ``weights`` (B_v, N, M), the aggregation logits exponentiated after subtracting their
         per-image column maximum; ``cls_norm`` (B_v, R_c), the [CLS] norm (R_c = 1 with a [CLS]
         token, else 0). All but ``tokens`` are fp32 (float64 for float64 inputs).
@@ -298,9 +299,10 @@ class LAPSHead(nn.Module):
             real = _real_dtype(img_embs.dtype)
             p32 = patches.to(real)
             with torch.no_grad():
-                patches_n = F.normalize(p32, dim=-1)
+                # cosines as dots with the unnormalised patches over their norms: no normalised copy
+                patch_norm = p32.norm(dim=-1).clamp_min(NORM_EPS)
                 glob = F.normalize(p32.mean(dim=1), dim=-1)
-                salience = torch.bmm(patches_n, glob.unsqueeze(-1)).squeeze(-1)
+                salience = torch.bmm(p32, glob.unsqueeze(-1)).squeeze(-1).div_(patch_norm)
             gram = _Gram.apply(p32)
             cls_norm = img_embs[:, :n_cls].to(real).norm(dim=-1).clamp_min(NORM_EPS)
         # On all tokens (a contiguous input; the [CLS] row is dropped after): the MLP acts token-wise.
@@ -311,7 +313,7 @@ class LAPSHead(nn.Module):
             weights = torch.exp(shifted.clamp_min(-LOGIT_FLOOR))
         return {
             "tokens": img_embs,
-            "patches_n": patches_n,
+            "patch_norm": patch_norm,
             "salience": salience,
             "gram": gram,
             "weights": weights,
@@ -403,15 +405,21 @@ def _length_mask(lens: Tensor, max_len: int) -> Tensor:
 
 
 @torch.no_grad()
-def _select(patches_n: Tensor, salience: Tensor, query: Tensor, num_keep: int) -> PatchSelection:
-    """Top-K selection and fusion weights for a block: ``(V, N, C)``, ``(V, N)``, ``(T, C)`` -> ``(V, T, N)``.
+def _select(tokens: Tensor, patch_norm: Tensor, salience: Tensor, query: Tensor, num_keep: int) -> PatchSelection:
+    """Top-K selection and fusion weights of V images and T captions, ``(V, T, N)`` each.
 
-    Always in fp32, also under autocast, so that rounding cannot change which patches are kept.
+    ``tokens`` (V, L_v, C) are the image tokens in fp32 (float64), the last N of them patches with
+    norms ``patch_norm`` (V, N) and ``salience`` (V, N); ``query`` is (T, C). The caption relevance
+    ``<query, P_k> / ||P_k||`` is one GEMM over all tokens (the [CLS] column is dropped after, which
+    avoids copying the patches out). Always in fp32, also under autocast, so that rounding cannot
+    change which patches are kept.
     """
-    with torch.autocast(patches_n.device.type, enabled=False):
-        n_img, n_patch, dim = patches_n.shape
-        rel = torch.mm(query.to(patches_n.dtype), patches_n.reshape(n_img * n_patch, dim).t())  # (T, V * N)
-        score = (rel.view(-1, n_img, n_patch).transpose(0, 1) + salience.unsqueeze(1)).contiguous()
+    with torch.autocast(tokens.device.type, enabled=False):
+        n_img, n_tok, dim = tokens.shape
+        n_patch = patch_norm.shape[1]
+        rel = torch.mm(query.to(tokens.dtype), tokens.reshape(n_img * n_tok, dim).t())  # (T, V * L_v)
+        rel = rel.view(-1, n_img, n_tok)[:, :, n_tok - n_patch :].transpose(0, 1)  # (V, T, N)
+        score = torch.addcdiv(salience.unsqueeze(1), rel, patch_norm.unsqueeze(1))
         kept = score.topk(num_keep, dim=-1, sorted=False).indices
         keep = torch.zeros_like(score).scatter_(-1, kept, 1.0)
         if num_keep == score.shape[-1]:
@@ -486,7 +494,7 @@ def _score_blocks(
     images: _Images,
     words: Tensor,
     lens: Tensor,
-    patches_n: Tensor,
+    patch_norm: Tensor,
     salience: Tensor,
     query: Tensor,
     config: _ScoreConfig,
@@ -508,6 +516,7 @@ def _score_blocks(
     words_s = words.index_select(0, order)
     query_s = query.index_select(0, order)
     real = images.gram.dtype
+    select_tokens = tokens.detach().to(real)
     sims = torch.empty(n_img, n_cap, dtype=real, device=tokens.device)
     need_sel = save or config.return_mask
     keep_all = tokens.new_empty(n_img, n_cap, n_patch, dtype=real) if need_sel else None
@@ -522,7 +531,7 @@ def _score_blocks(
     for v0, v1, t0, t1 in blocks:
         if not sel_range[0] <= t0 < t1 <= sel_range[1]:
             sel_range = (t0, min(n_cap, t0 + span))
-            sel = _select(patches_n, salience, query_s[sel_range[0] : sel_range[1]], config.num_keep)
+            sel = _select(select_tokens, patch_norm, salience, query_s[sel_range[0] : sel_range[1]], config.num_keep)
             if keep_all is not None:
                 keep_all[:, sel_range[0] : sel_range[1]] = sel.keep
             if fuse_all is not None:
@@ -534,7 +543,7 @@ def _score_blocks(
         saved += size if keep_cache else 0
         out, cache = _pair_forward(
             images.take(slice(v0, v1)), words_s[t0:t1, :width], sel.keep[v0:v1, a:b], sel.fuse[v0:v1, a:b],
-            lens_s[t0:t1], config.n_cls, config.mm_dtype, ws=None if keep_cache else ws, with_proj=keep_cache,
+            lens_s[t0:t1], config.n_cls, config.mm_dtype, ws=None if keep_cache else ws, for_backward=keep_cache,
         )
         sims[v0:v1, t0:t1] = out
         plan.append((v0, v1, t0, t1, width))
@@ -559,14 +568,15 @@ def _pair_forward(
     n_cls: int,
     mm_dtype: torch.dtype,
     ws: _Workspace | None = None,
-    with_proj: bool = True,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Similarities ``(V, T)`` of a block, and the intermediates its backward needs.
+    for_backward: bool = True,
+) -> tuple[Tensor, dict[str, Tensor] | None]:
+    """Similarities ``(V, T)`` of a block and, with ``for_backward``, the intermediates its backward needs.
 
-    Shapes: ``images`` of V images (:class:`_Images`); keep, fuse (V, T, N). Captions are either shared by all images of the block, words (T, L, C)
-    normalised and lens (T,), or given per image, words (V, T, L, C) and lens (V, T). The large
-    intermediates are taken from ``ws`` when given (they are then only valid until the next block).
-    Without ``with_proj`` (no backward from these intermediates) the norms use the symmetry of G.
+    Shapes: ``images`` of V images (:class:`_Images`); keep, fuse (V, T, N). Captions are either
+    shared by all images of the block, words (T, L, C) normalised and lens (T,), or given per
+    image, words (V, T, L, C) and lens (V, T). The large intermediates are taken from ``ws`` when
+    given (they are then only valid until the next block). Without ``for_backward`` the norms use
+    the symmetry of G and the maxima are taken without their positions.
     """
     tokens, gram, weights, cls_norm = images.tokens, images.gram, images.weights, images.cls_norm
     with torch.autocast(tokens.device.type, enabled=False):
@@ -598,19 +608,21 @@ def _pair_forward(
         numer = numer.to(real).view(n_img, n_aggr, n_cap, n_word)
         # softmax over the kept patches, w = E * keep / Z, and ||A||^2 = w G w^T.
         total = torch.bmm(keep, weights)  # (V, T, M)
-        agg_w = _softmax_weights(w_t, keep, total, ws.get("agg_w", (n_img, n_cap, n_aggr, n_patch), real, device)
-                                 if ws is not None else None)
-        if with_proj:  # backward needs w G itself
-            proj = _new(ws, "proj", (n_img, n_cap, n_aggr, n_patch), mm_dtype, device)
+        shape = (n_img, n_cap, n_aggr, n_patch)
+        if for_backward:  # backward needs w G itself
+            agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
+            proj = _new(ws, "proj", shape, mm_dtype, device)
             torch.bmm(agg_w.view(n_img, n_cap * n_aggr, n_patch).to(mm_dtype), gram.to(mm_dtype),
                       out=proj.view(n_img, n_cap * n_aggr, n_patch))
             proj = proj.to(real)
             sq = _rowdot(proj, agg_w)  # (V, T, M)
-        else:
+            del agg_w
+        else:  # (E keep) G (E keep)^T / Z^2: the division by Z on the (V, T, M) result only
             proj = None
-            sq = _quadratic_form(agg_w.view(n_img, n_cap * n_aggr, n_patch), images, mm_dtype, ws)
-            sq = sq.view(n_img, n_cap, n_aggr)
-        del agg_w
+            kept_w = torch.mul(w_t.unsqueeze(1), keep.unsqueeze(2), out=_new(ws, "agg_w", shape, real, device))
+            sq = _quadratic_form(kept_w.view(n_img, n_cap * n_aggr, n_patch), images, mm_dtype, ws)
+            sq = sq.view(n_img, n_cap, n_aggr).div_(total.square())
+            del kept_w
         norm = sq.clamp_min(0.0).sqrt().clamp_min(NORM_EPS)
         denom = total * norm
         s_agg = numer.div_(denom.transpose(1, 2).unsqueeze(-1))  # (V, M, T, L)
@@ -620,13 +632,20 @@ def _pair_forward(
             s_cls = dots[:, 0].to(real) / cls_norm.view(n_img, 1, 1)  # (V, T, L)
             rows.insert(0, s_cls.unsqueeze(1))
         sim = torch.cat(rows, dim=1)  # (V, R, T, L)
-        act = F.leaky_relu(sim, LEAKY_SLOPE)
         valid = _length_mask(lens.reshape(-1), n_word).view(*lens.shape, n_word)  # ([V,] T, L)
-        t2i_val, t2i_idx = act.max(dim=1)  # (V, T, L)
-        t2i = (t2i_val * valid).sum(-1) / lens
         row_valid = valid if shared else valid.unsqueeze(1)
-        i2t_val, i2t_idx = act.masked_fill_(~row_valid, float("-inf")).max(dim=3)  # (V, R, T)
-        sims = t2i + i2t_val.mean(dim=1)
+        # The leaky ReLU is increasing, so it commutes with the maxima: applied to them, not to sim.
+        # Padding words are filled with -inf in place; backward sees zero gradient there.
+        if for_backward:
+            t2i_val, t2i_idx = sim.max(dim=1)  # (V, T, L)
+            i2t_val, i2t_idx = sim.masked_fill_(~row_valid, float("-inf")).max(dim=3)  # (V, R, T)
+        else:
+            t2i_val = sim.amax(dim=1)
+            i2t_val = sim.masked_fill_(~row_valid, float("-inf")).amax(dim=3)
+        t2i = (F.leaky_relu(t2i_val, LEAKY_SLOPE) * valid).sum(-1) / lens
+        sims = t2i + F.leaky_relu(i2t_val, LEAKY_SLOPE).mean(dim=1)
+    if not for_backward:
+        return sims, None
     cache = {
         "dots_kept": dots_kept, "proj": proj, "sq": sq, "norm": norm, "total": total, "denom": denom,
         "s_agg": s_agg, "f_len": f_len, "f_norm": f_norm, "s_fuse": s_fuse, "sim": sim, "valid": valid,
@@ -657,27 +676,40 @@ def _fusion_dots(fuse: Tensor, dots: Tensor, group: int = 16) -> Tensor:
 def _quadratic_form(w: Tensor, images: _Images, mm_dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
     """Row-wise ``w G w^T`` for ``w`` (V, R, N) and the images' symmetric ``G`` (V, N, N): (V, R).
 
-    With ``G = [[A, B], [B^T, D]]`` and ``w = [u, v]``: ``[u A, 2 u B + v D] . w``, which is 3/4 of
+    With ``G = [[A, B], [B^T, D]]`` and ``w = [u, v]``: ``u [A, 2B] . w + v D . v``, which is 3/4 of
     the multiply-adds of ``(w G) . w``.
     """
     n_img, n_rows, n_patch = w.shape
     half = n_patch // 2
     real = w.dtype
-    upper, lower = images.gram_upper, images.gram_lower
     u, v = w[..., :half], w[..., half:]
     top = _new(ws, "qf_top", (n_img, n_rows, n_patch), mm_dtype, w.device)
-    torch.bmm(u.to(mm_dtype), upper.to(mm_dtype), out=top)  # u [A, 2B]
+    torch.bmm(u.to(mm_dtype), images.gram_upper.to(mm_dtype), out=top)  # u [A, 2B]
     low = _new(ws, "qf_low", (n_img, n_rows, n_patch - half), mm_dtype, w.device)
-    torch.bmm(v.to(mm_dtype), lower.to(mm_dtype), out=low)  # v D
-    top = top.to(real)
-    top[..., half:].add_(low.to(real))  # [u A, 2 u B + v D]
-    return _rowdot(top, w)
+    torch.bmm(v.to(mm_dtype), images.gram_lower.to(mm_dtype), out=low)  # v D
+    return _rowdot(top.to(real), w).add_(_rowdot(low.to(real), v))
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise dot products of ``(..., R, N)`` tensors, as one batched GEMM (no temporary)."""
     n = a.shape[-1]
     return torch.matmul(a.reshape(-1, 1, n), b.reshape(-1, n, 1)).view(a.shape[:-1])
+
+
+def _half_outer(x: Tensor, y: Tensor, mm_dtype: torch.dtype) -> Tensor:
+    """For ``x``, ``y`` (V, R, N) whose ``x^T y`` is symmetric, a ``D`` (V, N, N) with ``D + D^T = 2 x^T y``.
+
+    Gradients of the Gram matrix only enter :class:`_Gram`'s backward symmetrised, so the upper
+    block triangle ``[[x1^T y1, 2 x1^T y2], [0, x2^T y2]]`` does: 3/4 of the multiply-adds.
+    """
+    half = x.shape[-1] // 2
+    real = x.dtype
+    out = x.new_zeros(x.shape[0], x.shape[-1], x.shape[-1])
+    top = torch.bmm(x[..., :half].transpose(1, 2).to(mm_dtype), y.to(mm_dtype)).to(real)  # x1^T [y1, y2]
+    top[..., half:].mul_(2.0)
+    out[:, :half] = top
+    out[:, half:, half:] = torch.bmm(x[..., half:].transpose(1, 2).to(mm_dtype), y[..., half:].to(mm_dtype)).to(real)
+    return out
 
 
 def _softmax_weights(w_t: Tensor, keep: Tensor, total: Tensor, out: Tensor | None = None) -> Tensor:
@@ -701,9 +733,8 @@ def _pair_backward(
     c: dict[str, Tensor],
     ws: _Workspace | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients wrt tokens, gram, weights, cls_norm and words of a block, given ``d loss / d sims``.
-
-    """
+    """Gradients wrt tokens, gram (up to an antisymmetric part), weights, cls_norm and words of a
+    block, given ``d loss / d sims`` and the block's intermediates ``c`` from :func:`_pair_forward`."""
     tokens, gram, weights, cls_norm = images.tokens, images.gram, images.weights, images.cls_norm
     with torch.autocast(tokens.device.type, enabled=False):
         n_img, n_tok, dim = tokens.shape
@@ -744,10 +775,8 @@ def _pair_backward(
         dots_kept = c["dots_kept"].reshape(n_img, n_patch, n_cap * n_word)
         d_weights += torch.bmm(dots_kept, d_numer_mm.transpose(1, 2)).to(real)
         agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
-        d_gram = torch.bmm(
-            scaled.view(n_img, n_cap * n_aggr, n_patch).transpose(1, 2).to(mm_dtype),
-            agg_w.view(n_img, n_cap * n_aggr, n_patch).to(mm_dtype),
-        ).to(real)
+        d_gram = _half_outer(scaled.view(n_img, n_cap * n_aggr, n_patch), agg_w.view(n_img, n_cap * n_aggr, n_patch),
+                             mm_dtype)
         del scaled, agg_w
 
         # word-token dots: d dots = keep * (E @ d numer), plus the [CLS] row.
@@ -791,6 +820,8 @@ class _PairScores(torch.autograd.Function):
 
     Inputs with gradients: tokens (V, L_v, C), gram (V, N, N), weights (V, N, M), cls_norm
     (V, R_c), words (T, L, C). Outputs: sims (V, T) and the keep mask (V, T, N) (or None).
+    ``gram`` must come from :class:`_Gram`: its gradient is returned up to an antisymmetric part
+    (see :func:`_half_outer`), which :class:`_Gram`'s backward cancels.
     """
 
     @staticmethod
@@ -802,13 +833,13 @@ class _PairScores(torch.autograd.Function):
         cls_norm: Tensor,
         words: Tensor,
         lens: Tensor,
-        patches_n: Tensor,
+        patch_norm: Tensor,
         salience: Tensor,
         query: Tensor,
         config: _ScoreConfig,
     ) -> tuple[Tensor, Tensor | None]:
         images = _Images.build(tokens, gram, weights, cls_norm)
-        sims, mask, state = _score_blocks(images, words, lens, patches_n, salience, query, config, save=True)
+        sims, mask, state = _score_blocks(images, words, lens, patch_norm, salience, query, config, save=True)
         ctx.save_for_backward(tokens, gram, weights, cls_norm, words)
         ctx.state, ctx.config = state, config
         if mask is not None:
