@@ -4,7 +4,7 @@ The math follows the official release (``LAPS.md``); the arrangement does not. P
 pair the official code gathers the kept patches, runs the aggregation MLP on them and forms the
 ``M`` aggregated tokens ``A = softmax(scale * MLP(S)^T) @ S``. Here:
 
-* everything that depends on the image alone is computed once per image: normalised patches and
+* everything that depends on the image alone is computed once per image: the patches' norms and
   their salience, the aggregation MLP on every patch, the exponentiated logits ``E`` (``N x M``)
   and the patch Gram matrix ``G = P P^T`` (``N x N``);
 * the aggregated tokens are never formed. A pair only needs, for every aggregated token ``m``,
