@@ -163,6 +163,67 @@ def test_ddp_gradients_equal_single_process(make_cfg, tmp_path: Path) -> None:
     assert torch.equal(seen[0]["lens"], seen[1]["lens"]) and torch.equal(seen[0]["ids"], seen[1]["ids"])
 
 
+# Per rank: pairs and caption width. Uneven counts (a rank whose images were all skipped included)
+# and widths, as training meets them.
+GATHER_CASES = (((3, 5), (1, 7)), ((2, 4), (0, 0)))
+
+
+def _pairs(rank: int, count: int, width: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(10 * rank + count)
+    img = torch.randn(count, 4, 3, generator=g, dtype=torch.float64)
+    cap = torch.randn(count, width, 3, generator=g, dtype=torch.float64)
+    return img, cap, torch.arange(count) + 2, torch.arange(count) + 100 * rank
+
+
+def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
+    from laps.losses import gather_pairs
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        for case, sizes in enumerate(GATHER_CASES):
+            img, cap, lens, ids = _pairs(rank, *sizes[rank])
+            img.requires_grad_()
+            cap.requires_grad_()
+            g_img, g_cap, g_lens, g_ids = gather_pairs(img, cap, lens, ids)
+            # every rank computes the same loss on the global batch, as training does
+            weight_img = torch.arange(g_img.numel(), dtype=g_img.dtype).view_as(g_img)
+            weight_cap = torch.arange(g_cap.numel(), dtype=g_cap.dtype).view_as(g_cap)
+            ((g_img * weight_img).sum() + (g_cap * weight_cap).sum()).backward()
+            torch.save({"img": g_img.detach(), "cap": g_cap.detach(), "lens": g_lens, "ids": g_ids,
+                        "weight_img": weight_img, "weight_cap": weight_cap,
+                        "grad_img": img.grad, "grad_cap": cap.grad},
+                       Path(out) / f"case{case}_rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_pairs_with_uneven_ranks(tmp_path: Path) -> None:
+    """Two gloo ranks with different pair counts and caption widths: every rank gets all pairs in
+    rank order, captions zero-padded to the widest, lengths and ids alongside; each rank's
+    embeddings get ``world`` times their share of the (identical) loss's gradient, which DDP's
+    averaging divides back."""
+    world = 2
+    torch.multiprocessing.spawn(_gather_worker, args=(world, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
+                                nprocs=world)
+    for case, sizes in enumerate(GATHER_CASES):
+        parts = [_pairs(r, *sizes[r]) for r in range(world)]
+        width = max(w for _, w in sizes)
+        img = torch.cat([p[0] for p in parts])
+        cap = torch.cat([torch.nn.functional.pad(p[1], (0, 0, 0, width - p[1].shape[1])) for p in parts])
+        seen = [torch.load(tmp_path / f"case{case}_rank{r}.pt", weights_only=True) for r in range(world)]
+        start = 0
+        for r, s in enumerate(seen):
+            assert torch.equal(s["img"], img) and torch.equal(s["cap"], cap)
+            assert s["lens"].tolist() == [n for p in parts for n in p[2].tolist()]
+            assert s["ids"].tolist() == [n for p in parts for n in p[3].tolist()]
+            count, own_width = sizes[r]
+            rows = slice(start, start + count)
+            if count:
+                assert torch.equal(s["grad_img"], world * s["weight_img"][rows])
+                assert torch.equal(s["grad_cap"], world * s["weight_cap"][rows, :own_width])
+            start += count
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 

@@ -1,8 +1,8 @@
 """Losses of the official recipe, and the distributed gathering they need.
 
 ``ContrastiveLoss`` is the VSE hinge loss over a (global) batch; ``ratio_loss`` keeps the
-fraction of kept patches near ``sparse_ratio``. ``gather_with_grad`` collects every rank's
-embeddings with gradients, so that each rank scores its captions against the global batch.
+fraction of kept patches near ``sparse_ratio``. ``gather_pairs`` collects every rank's pairs
+(embeddings with gradients), so that each rank scores its captions against the global batch.
 """
 
 from __future__ import annotations
@@ -99,17 +99,31 @@ def gather_no_grad(x: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
-def gather_rows_with_grad(x: Tensor) -> Tensor:
-    """:func:`gather_with_grad` for parts whose first dimension differs between ranks."""
+def gather_pairs(img: Tensor, cap: Tensor, lens: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every rank's image-caption pairs, concatenated in rank order: the global batch.
+
+    Args:
+        img: ``(B, L_v, C)`` image embeddings; cap: ``(B, L_t, C)`` caption embeddings;
+            lens: ``(B,)`` caption lengths; ids: ``(B,)`` image ids. ``B`` and ``L_t`` may differ
+            between ranks (skipped images, caption widths).
+
+    Returns:
+        The same four, over all ranks' pairs; embeddings with gradients (see
+        :func:`gather_with_grad`), captions zero-padded to the widest rank's. One exchange of
+        sizes, then three gathers (lengths and ids travel together, without gradient).
+    """
     world, _ = _world()
     if world == 1:
-        return x
-    sizes = gather_no_grad(torch.tensor([x.shape[0]], device=x.device))
-    largest = int(sizes.max())
-    padded = torch.cat([x, x.new_zeros(largest - x.shape[0], *x.shape[1:])]) if x.shape[0] < largest else x
-    full = gather_with_grad(padded)
-    keep = torch.cat([torch.arange(int(n), device=x.device) + r * largest for r, n in enumerate(sizes)])
-    return full[keep]
+        return img, cap, lens, ids
+    sizes = gather_no_grad(torch.tensor([[img.shape[0], cap.shape[1]]], device=img.device)).tolist()
+    counts = [n for n, _ in sizes]
+    largest, width = max(counts), max(w for _, w in sizes)
+    # collectives need equal shapes: pad every part to the largest count, then drop the padding rows
+    keep = torch.cat([torch.arange(n, device=img.device) + r * largest for r, n in enumerate(counts)])
+    img = gather_with_grad(pad_to(img, largest, dim=0))[keep]
+    cap = gather_with_grad(pad_to(pad_to(cap, width, dim=1), largest, dim=0))[keep]
+    meta = gather_no_grad(pad_to(torch.stack([lens.long(), ids.long()], dim=1), largest, dim=0))[keep]
+    return img, cap, meta[:, 0].to(lens.dtype), meta[:, 1].to(ids.dtype)
 
 
 def pad_to(x: Tensor, length: int, dim: int = 1) -> Tensor:

@@ -17,7 +17,7 @@ from laps.evaluation import protocol_metrics, score_matrix
 from laps.losses import (
     contrastive_loss,
     gather_no_grad,
-    gather_rows_with_grad,
+    gather_pairs,
     max_across_ranks,
     pad_to,
     ratio_loss,
@@ -113,9 +113,7 @@ class LAPSLitModule(LightningModule):
 
     def gather_batch(self, img: Tensor, cap: Tensor, lens: Tensor, ids: Tensor) -> tuple[Tensor, ...]:
         """Every rank's embeddings (with gradients), lengths and image ids: the global batch."""
-        cap = pad_to(cap, max_across_ranks(cap.shape[1], cap.device), dim=1)
-        return (gather_rows_with_grad(img), gather_rows_with_grad(cap), gather_rows_with_grad(lens),
-                gather_rows_with_grad(ids))
+        return gather_pairs(img, cap, lens, ids)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         if batch.get("skipped"):
