@@ -37,10 +37,12 @@ def score_matrix(
 
     Args:
         img_embs: ``(N_img, L_v, C)``; cap_embs: ``(N_cap, L_t, C)``; cap_lens: ``(N_cap,)``.
-        image_block: images scored per step (the head chunks captions inside a step).
+        image_block: images scored per step (the head chunks captions inside a step). Each step's
+            images are cast to the head's dtype, so ``img_embs`` may be stored in float16.
         device: where to compute (default: the head's device).
     """
-    device = torch.device(device) if device is not None else next(head.parameters()).device
+    param = next(head.parameters())
+    device = torch.device(device) if device is not None else param.device
     distributed = dist.is_available() and dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     n_img, n_cap = img_embs.shape[0], cap_embs.shape[0]
@@ -49,7 +51,7 @@ def score_matrix(
     starts = list(range(0, n_img, image_block))[rank::world]
     bar = tqdm(starts, desc="Scoring pairs", unit="block", disable=not progress or rank != 0, leave=False)
     for start in bar:
-        block = img_embs[start : start + image_block].to(device)
+        block = img_embs[start : start + image_block].to(device=device, dtype=param.dtype)
         sims, _ = head.score_prepared(head.prepare_images(block), caption)
         out[start : start + block.shape[0]] = sims.float().cpu()
     if world > 1:

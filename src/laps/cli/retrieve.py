@@ -346,17 +346,10 @@ def search(
     synchronize(device)
     t_text = time.perf_counter() - t0
 
-    def laps_scores(img: Tensor, q: slice) -> Tensor:  # (n, len(q)) on the CPU
-        out = []
-        for s in range(0, img.shape[0], block * 8):  # bounds the fp32 copy of fp16 embeddings
-            chunk = img[s : s + block * 8].float()
-            out.append(score_matrix(head, chunk, cap[q], lens[q], image_block=block, progress=False, device=device))
-        return torch.cat(out)
-
     results: list[QueryResult] = []
     if rerank is None:
         t0 = time.perf_counter()
-        sims = laps_scores(emb, slice(0, n_q))  # (n_img, n_q)
+        sims = score_matrix(head, emb, cap, lens, image_block=block, progress=False, device=device)  # (n_img, n_q)
         synchronize(device)
         t_stage2 = time.perf_counter() - t0
         k = min(top_k, n_img)
