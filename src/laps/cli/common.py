@@ -107,24 +107,14 @@ def metrics_table(metrics: dict[str, float], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    groups: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        prefix, _, name = key.partition("/")
-        groups.setdefault(prefix, {})[name] = float(value)
-    cols = ["R@1", "R@5", "R@10", "medr", "meanr"]
+    from laps.metrics import metrics_rows
+
+    columns, rows = metrics_rows(metrics)
     table = Table(title=title)
-    table.add_column("protocol")
-    table.add_column("direction")
-    for c in cols:
-        table.add_column(c, justify="right")
-    table.add_column("rsum", justify="right")
-    for prefix, vals in groups.items():
-        for direction in ("i2t", "t2i"):
-            if f"{direction}_R@1" not in vals:
-                continue
-            row = [f"{vals[f'{direction}_{c}']:.1f}" for c in cols]
-            rsum = f"{vals['rsum']:.1f}" if direction == "i2t" and "rsum" in vals else ""
-            table.add_row(prefix, direction, *row, rsum)
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="right" if i >= 2 else "left")
+    for row in rows:
+        table.add_row(*row[:2], *("" if v is None else f"{v:.1f}" for v in row[2:]))
     Console().print(table)
 
 

@@ -1,5 +1,5 @@
 """Retrieval metrics computed from a similarity matrix."""
 
-from laps.metrics.retrieval import coco_1k_metrics, retrieval_metrics, retrieval_ranks
+from laps.metrics.retrieval import coco_1k_metrics, metrics_rows, retrieval_metrics, retrieval_ranks
 
-__all__ = ["coco_1k_metrics", "retrieval_metrics", "retrieval_ranks"]
+__all__ = ["coco_1k_metrics", "metrics_rows", "retrieval_metrics", "retrieval_ranks"]

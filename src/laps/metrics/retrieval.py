@@ -81,3 +81,22 @@ def coco_1k_metrics(sims: Tensor, cap_to_img: Tensor | None = None, folds: int =
         sub = sims[f * size : (f + 1) * size][:, caps]
         results.append(retrieval_metrics(sub, cap_to_img[caps] - f * size))
     return {k: sum(r[k] for r in results) / folds for k in results[0]}
+
+
+def metrics_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[float | str | None]]]:
+    """Metrics keyed ``{split}/{name}`` (``test/i2t_R@1``, ``test_1k/rsum``, ...) as table rows: split,
+    direction, R@1, R@5, R@10, medr, meanr, rsum (the split's, on its first row; None elsewhere or where
+    absent); and the column names."""
+    cols = ["R@1", "R@5", "R@10", "medr", "meanr"]
+    groups: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        prefix, _, name = key.partition("/")
+        groups.setdefault(prefix, {})[name] = float(value)
+    rows = []
+    for prefix, vals in sorted(groups.items()):
+        rsum = vals.get("rsum")
+        for direction in ("i2t", "t2i"):
+            if f"{direction}_R@1" in vals:
+                rows.append([prefix, direction, *(vals.get(f"{direction}_{c}") for c in cols), rsum])
+                rsum = None
+    return ["split", "direction", *cols, "rsum"], rows

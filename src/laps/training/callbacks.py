@@ -212,27 +212,13 @@ def wandb_offline() -> bool:
     return False
 
 
-def metrics_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[Any]]]:
-    """The final metrics as table rows: split/protocol, direction, R@1, R@5, R@10, medr, meanr, rsum."""
-    cols = ["R@1", "R@5", "R@10", "medr", "meanr"]
-    groups: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        prefix, _, name = key.partition("/")
-        groups.setdefault(prefix, {})[name] = float(value)
-    rows = []
-    for prefix, vals in sorted(groups.items()):
-        for direction in ("i2t", "t2i"):
-            if f"{direction}_R@1" in vals:
-                rows.append([prefix, direction, *(vals.get(f"{direction}_{c}") for c in cols), vals.get("rsum")])
-    return ["split", "direction", *cols, "rsum"], rows
-
-
 def finish_loggers(loggers: Iterable[Any], metrics: dict[str, float]) -> None:
     """End of a job: each wandb run gets the final metrics (a table and its summary) and is finished.
 
     Only runs that exist are touched (rank 0; other ranks' loggers have none).
     """
     from laps.cli.sweep import finish_wandb
+    from laps.metrics import metrics_rows
 
     for lg in loggers:
         run = getattr(lg, "_experiment", None)
