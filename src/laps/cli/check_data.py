@@ -29,7 +29,7 @@ from laps.data.datasets import (
     BadImageError,
     DataError,
     SplitIndex,
-    coco_image_path,
+    image_path,
     open_image,
     read_split,
     resolve_id_mapping,
@@ -164,12 +164,10 @@ def check_dataset(
     images_root = resolve_images_root(root, images_dir)
     report = DataReport(root=str(root), images_root=str(images_root), mapping=str(id_mapping))
     mapping: dict[str, str] | None = None
-    coco_names = False
     try:
         mapping = resolve_id_mapping(root, images_root, id_mapping)
-        coco_names = mapping is None
         report.mapping_entries = None if mapping is None else len(mapping)
-        if coco_names:
+        if mapping is None:
             report.mapping = "COCO file names"
     except DataError as err:
         report.mapping_error = str(err)
@@ -196,20 +194,15 @@ def check_dataset(
             continue
         for image_id, line in zip(index.image_ids, index.first_line):
             problem = ImageProblem(image_id=image_id, line=line + 1, caps_file=str(caps))
-            if coco_names:
-                try:
-                    path = coco_image_path(images_root, image_id)
-                except DataError as err:
-                    problem.path, problem.reason = image_id, str(err)
-                    rep.unreadable.append(problem)
-                    continue
-            else:
-                assert mapping is not None
-                rel = mapping.get(image_id)
-                if rel is None:
-                    rep.unmapped.append(problem)
-                    continue
-                path = Path(rel) if Path(rel).is_absolute() else images_root / rel
+            try:
+                path = image_path(image_id, mapping, images_root)
+            except DataError as err:  # not a COCO image number
+                problem.path, problem.reason = image_id, str(err)
+                rep.unreadable.append(problem)
+                continue
+            if path is None:
+                rep.unmapped.append(problem)
+                continue
             problem.path = str(path)
             uses.setdefault(path, []).append((rep, problem))
 

@@ -53,6 +53,7 @@ __all__ = [
     "collate_captions",
     "collate_images",
     "collate_pairs",
+    "image_path",
     "load_id_mapping",
     "load_split",
     "load_split_from_config",
@@ -299,6 +300,22 @@ def resolve_id_mapping(root: Path, images_root: Path, id_mapping: str | Path | N
     return load_id_mapping(path)
 
 
+def image_path(image_id: str, mapping: Mapping[str, str] | None, images_root: Path) -> Path | None:
+    """The file of ``image_id``: its mapping entry (relative to ``images_root`` unless absolute), or
+    the COCO file name when ``mapping`` is None; None when the mapping lacks the id.
+
+    Raises:
+        DataError: a COCO file name asked for an id that is not a COCO image number.
+    """
+    if mapping is None:
+        return coco_image_path(images_root, image_id)
+    rel = mapping.get(image_id)
+    if rel is None:
+        return None
+    p = Path(rel)
+    return p if p.is_absolute() else images_root / p
+
+
 def resolve_image_paths(
     index: SplitIndex,
     mapping: Mapping[str, str] | None,
@@ -313,18 +330,14 @@ def resolve_image_paths(
     """
     paths: list[Path] = []
     for image_id, line in zip(index.image_ids, index.first_line):
-        if mapping is None:
-            paths.append(coco_image_path(images_root, image_id))
-            continue
-        rel = mapping.get(image_id)
-        if rel is None:
+        path = image_path(image_id, mapping, images_root)
+        if path is None:
             raise DataError(
                 f"Image id {image_id!r} (first used on line {line + 1} of {caps_file}"
                 f"{f' / {ids_file.name}' if ids_file else ''}) is not in the id mapping "
-                f"({len(mapping)} entries). Rebuild id_mapping.json or fix the ids file."
+                f"({len(mapping or {})} entries). Rebuild id_mapping.json or fix the ids file."
             )
-        p = Path(rel)
-        paths.append(p if p.is_absolute() else images_root / p)
+        paths.append(path)
     return paths
 
 
