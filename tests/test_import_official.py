@@ -148,3 +148,13 @@ def test_train_resume_refuses_hostile_pickle(tmp_path: Path, synthetic_root: Pat
     assert_refused(result, hostile, target)
     assert list(tmp_path.rglob("*.ckpt")) == [hostile]  # no checkpoint written
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_every_official_backbone_has_its_config_option() -> None:
+    """The official (vit_type, img_res) pairs map to the backbone options that load the same encoder."""
+    from laps.compat.official import OFFICIAL_VISION_BACKBONES
+
+    options = {key: import_official.backbone_option(name) for key, name in OFFICIAL_VISION_BACKBONES.items()}
+    assert options == {("vit", 224): "vit", ("vit", 384): "vit_384", ("swin", 224): "swin", ("swin", 384): "swin_384"}
+    with pytest.raises(ValueError, match="no backbone config"):
+        import_official.backbone_option("google/not-a-backbone")

@@ -16,18 +16,23 @@ from laps.paths import config_dir
 
 log = logging.getLogger("laps")
 
-BACKBONES = {("vit", 224): "vit", ("vit", 384): "vit_384", ("swin", 224): "swin", ("swin", 384): "swin_384"}
+
+
+def backbone_option(vision_name: str) -> str:
+    """The ``backbone`` config option (a file of ``configs/backbone/``) whose vision encoder is ``vision_name``."""
+    folder = Path(config_dir()) / "backbone"
+    for path in sorted(folder.glob("*.yaml")):
+        if OmegaConf.select(OmegaConf.load(path), "vision.name_or_path") == vision_name:
+            return path.stem
+    raise ValueError(f"no backbone config under {folder} uses the vision encoder {vision_name!r}")
 
 
 def official_overrides(hparams: dict[str, Any], vision_config: str | None, text_config: str | None,
                        tokenizer: str | None, vocab_size: int) -> list[str]:
     """Hydra overrides describing the official run's architecture (random init: weights come from the file)."""
-    key = (hparams["vit_type"], int(hparams["img_res"]))
-    if key not in BACKBONES:
-        raise ValueError(f"no backbone config for vit_type={key[0]!r} at img_res={key[1]}")
     dataset = hparams.get("dataset") if hparams.get("dataset") in ("f30k", "coco") else "f30k"
     out = [
-        "~experiment", f"dataset={dataset}", f"backbone={BACKBONES[key]}", "backbone.pretrained=false",
+        "~experiment", f"dataset={dataset}", f"backbone={backbone_option(hparams['vision_backbone'])}", "backbone.pretrained=false",
         f"backbone.embed_size={int(hparams['embed_size'])}",
         f"ratios.sparse_ratio={float(hparams['sparse_ratio'])}", f"ratios.aggr_ratio={float(hparams['aggr_ratio'])}",
         f"model.margin={float(hparams.get('margin', 0.2))}", f"model.ratio_weight={float(hparams.get('ratio_weight', 2.0))}",
