@@ -72,14 +72,22 @@ def inference_config(stored: dict[str, Any], overrides: dict[str, Any] | None = 
 
     cfg = OmegaConf.create(stored)
     with open_dict(cfg):
-        for part in ("vision", "text"):
-            for node in (OmegaConf.select(cfg, f"model.net.{part}"), OmegaConf.select(cfg, f"backbone.{part}")):
-                if node is not None and "pretrained" in node:
-                    node.pretrained = False
+        disable_pretrained(cfg)
         cfg.compile = False
     if overrides:
         cfg = OmegaConf.merge(cfg, overrides)
     return cfg
+
+
+def disable_pretrained(cfg: Any) -> None:
+    """Set ``pretrained: false`` on every backbone node of a run configuration, in place: rebuilt
+    from a checkpoint, which holds every weight, nothing is downloaded."""
+    from omegaconf import OmegaConf
+
+    for key in ("backbone", "backbone.vision", "backbone.text", "model.net.vision", "model.net.text"):
+        node = OmegaConf.select(cfg, key)
+        if node is not None and "pretrained" in node:
+            node.pretrained = False
 
 
 def eval_transform(

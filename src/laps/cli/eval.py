@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from laps.cli.common import metrics_table, one_line_errors, register_resolvers, write_metrics
 from laps.cli.train import build_datamodule, build_module, checkpoint_file
+from laps.inference import disable_pretrained
 from laps.paths import config_dir
 
 log = logging.getLogger("laps")
@@ -45,10 +46,7 @@ def run_config(cfg: DictConfig, checkpoint: dict) -> DictConfig:
             replace["dataset"]["tokenizer"] = stored_tokenizer
     merged = OmegaConf.merge(OmegaConf.create(stored), replace, cfg.get("overrides") or {})
     merged.paths.output_dir = cfg.paths.output_dir
-    for key in ("backbone", "backbone.vision", "backbone.text", "model.net.vision", "model.net.text"):
-        node = OmegaConf.select(merged, key)
-        if node is not None and "pretrained" in node:
-            node.pretrained = False  # every weight comes from the checkpoint: never download
+    disable_pretrained(merged)
     merged.model.save_sims = bool(cfg.get("save_sims", False))
     return merged
 
