@@ -9,7 +9,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from laps.cli.common import metrics_table, one_line_errors, register_resolvers, write_metrics
-from laps.cli.train import build_datamodule, build_module, checkpoint_file
+from laps.cli.train import build_datamodule, build_module, checkpoint_file, fit_caption_length
 from laps.inference import disable_pretrained
 from laps.paths import config_dir
 
@@ -61,6 +61,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(run_cfg)
     module = build_module(run_cfg, datamodule.vocab_size)
+    fit_caption_length(datamodule, module)  # a dataset from the command line may ask for longer captions
     module.load_state_dict(checkpoint["state_dict"])
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
