@@ -18,6 +18,7 @@ from laps.data.synthetic import (
     SIZE_WORDS,
     SPLITS,
     TEMPLATES,
+    SyntheticParams,
     ensure_synthetic,
     generate_synthetic,
     num_possible_scenes,
@@ -54,7 +55,7 @@ def read_split(root: Path, split: str) -> tuple[list[str], list[str]]:
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_synthetic(tmp_path_factory.mktemp("synth") / "set", seed=3, **SMALL)
+    return generate_synthetic(tmp_path_factory.mktemp("synth") / "set", SyntheticParams(seed=3, **SMALL))
 
 
 def test_layout_and_counts(synth: Path) -> None:
@@ -96,9 +97,9 @@ def test_every_caption_resolves_to_an_image(synth: Path) -> None:
 
 def test_determinism(tmp_path: Path) -> None:
     params = {"n_train": 20, "n_dev": 5, "n_test": 5, "image_size": 48}
-    a = generate_synthetic(tmp_path / "a", seed=7, **params)
-    b = generate_synthetic(tmp_path / "b", seed=7, **params)
-    c = generate_synthetic(tmp_path / "c", seed=8, **params)
+    a = generate_synthetic(tmp_path / "a", SyntheticParams(seed=7, **params))
+    b = generate_synthetic(tmp_path / "b", SyntheticParams(seed=7, **params))
+    c = generate_synthetic(tmp_path / "c", SyntheticParams(seed=8, **params))
     names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
     assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
     _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)

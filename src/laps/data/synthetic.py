@@ -280,23 +280,15 @@ def _write_split(out: Path, split: str, scenes: list[Scene], first_id: int, p: S
     _write_lines(out / f"{split}_ids.txt", ids)
 
 
-def generate_synthetic(
-    out_dir: str | os.PathLike,
-    *,
-    seed: int = 0,
-    n_train: int = 3000,
-    n_dev: int = 200,
-    n_test: int = 500,
-    image_size: int = 64,
-    captions_per_image: int = 5,
-) -> Path:
-    """Write a synthetic set into ``out_dir`` in the official layout and return its path.
+def generate_synthetic(out_dir: str | os.PathLike, params: SyntheticParams | None = None) -> Path:
+    """Write the synthetic set of ``params`` (default: :class:`SyntheticParams`'s) into ``out_dir`` in
+    the official layout and return its path.
 
     Image ids are unique across splits, and scenes are distinct across the whole set while the number
     of images does not exceed :func:`num_possible_scenes`. ``meta.json`` is removed first and written
     last, so an interrupted run never looks complete.
     """
-    p = SyntheticParams(seed, n_train, n_dev, n_test, image_size, captions_per_image)
+    p = params or SyntheticParams()
     p.validate()
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -369,7 +361,7 @@ def ensure_synthetic(root: str | os.PathLike, force: bool = False, **params: Any
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        generate_synthetic(tmp, **asdict(p))
+        generate_synthetic(tmp, p)
         if not force and _is_current(root, p):  # another process finished first
             return root
         _remove_old(root)
