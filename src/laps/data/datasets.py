@@ -497,13 +497,13 @@ class PairDataset(Dataset, _ImageLoading):
                 "bad_file": str(self.data.image_paths[img_id]),
             }
         truncated_before = self.tokenizer.num_truncated
+        rng = None
+        if self.augment:
+            rng = _item_rng() if seed is None else random.Random(seed)
+        input_ids = self.tokenizer(self.data.captions[index], augment=self.augment, rng=rng)
         if seed is None:
-            rng = _item_rng() if self.augment else None
-            input_ids = self.tokenizer(self.data.captions[index], augment=self.augment, rng=rng)
             pixels = self.transform(image)
         else:
-            rng = random.Random(seed) if self.augment else None
-            input_ids = self.tokenizer(self.data.captions[index], augment=self.augment, rng=rng)
             with torch.random.fork_rng(devices=[]):  # CPU generator only, restored on exit
                 torch.random.default_generator.manual_seed(seed)
                 pixels = self.transform(image)
@@ -513,7 +513,6 @@ class PairDataset(Dataset, _ImageLoading):
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """:func:`collate_pairs` with this tokenizer's pad id."""
         return collate_pairs(items, pad_id=self.tokenizer.pad_id, image_size=self.image_size)
-
 
 
 class ImageDataset(Dataset, _ImageLoading):
