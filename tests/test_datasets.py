@@ -232,6 +232,24 @@ def test_size_augmentation_rng_per_item(tmp_path: Path, tokenizer: CaptionTokeni
     assert sum(len(b["indices"]) for b in batches) == 7
 
 
+def test_size_augmentation_differs_between_workers(tmp_path: Path, tokenizer: CaptionTokenizer) -> None:
+    """Plain (unseeded) keys draw their augmentation from torch's generator, which DataLoader seeds per
+    worker: the same caption fetched by two workers is augmented differently, and a second loader
+    from the same torch seed repeats every draw."""
+    data = load_split(make_dataset(tmp_path), "test", "images")
+    ds = PairDataset(data, tokenizer, image_size=16, augment=True)
+
+    def run() -> list[list[int]]:
+        torch.manual_seed(0)
+        loader = DataLoader(ds, batch_size=1, num_workers=2, sampler=[5] * 12, collate_fn=ds.collate)
+        return [b["input_ids"][0, : int(b["lengths"][0])].tolist() for b in loader]
+
+    draws = run()
+    assert draws == run()
+    first, second = draws[0::2], draws[1::2]  # batches are dealt to the workers in turn
+    assert first != second
+
+
 def test_bad_image_error_names_file_and_line(tmp_path: Path, tokenizer: CaptionTokenizer) -> None:
     data = load_split(make_dataset(tmp_path, {"1": "missing", "2": "corrupt"}), "test", "images")
     ds = PairDataset(data, tokenizer, image_size=16)
