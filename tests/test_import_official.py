@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FIXTURES, TINY_SYNTHETIC, compose_train
+from conftest import FIXTURES, TINY_SYNTHETIC, compose_train, needs_fixtures
 from helpers.common import rel_err
 from helpers.pickles import unrestricted_unpickle
 from helpers.standins import build_wordpiece_vocab, make_f30k_standin, read_lines, shared_data
@@ -24,8 +24,6 @@ from laps.compat.serialization import safe_load
 
 CASES = ["official_tiny", "official_tiny_swin"]
 TOL = 1e-4
-
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures missing: {FIXTURES}")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +42,7 @@ def f30k_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_f30k_standin(tmp_path_factory.mktemp("f30k"), "test", images=slice(0, 10))
 
 
+@needs_fixtures
 @pytest.mark.parametrize("name", CASES)
 def test_imported_checkpoint_reproduces_official(name: str, vocab1000: Path, f30k_small: Path, tmp_path: Path) -> None:
     case = FIXTURES / name

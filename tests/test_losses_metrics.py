@@ -5,17 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, needs_fixtures
 from laps.losses import contrastive_loss, ratio_loss
 from laps.metrics import coco_1k_metrics, retrieval_metrics, retrieval_ranks
-
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared reference fixtures not present")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@needs_fixtures
 @pytest.mark.parametrize("case", [0, 1], ids=["sum", "hardest"])
 def test_contrastive_loss_matches_official(case: int) -> None:
     ref = torch.load(FIXTURES / "contrastive_loss.pt", weights_only=True)[case]
@@ -39,6 +38,7 @@ def test_ratio_loss() -> None:
     assert float(ratio_loss(mask, 0.5)) == pytest.approx(0.0625)
 
 
+@needs_fixtures
 @pytest.mark.parametrize("case", [0, 1, 2])
 def test_recall_matches_official(case: int) -> None:
     ref = torch.load(FIXTURES / "recall.pt", weights_only=True)[case]
@@ -51,6 +51,7 @@ def test_recall_matches_official(case: int) -> None:
     assert metrics["rsum"] == pytest.approx(expected_rsum)
 
 
+@needs_fixtures
 def test_ranks_follow_an_explicit_caption_to_image_map() -> None:
     ref = torch.load(FIXTURES / "recall.pt", weights_only=True)[1]
     sims = ref["sims"]
