@@ -7,6 +7,7 @@ data, a monkeypatched loss), never through test-only branches in the library.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import re
@@ -22,6 +23,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from conftest import TINY_SYNTHETIC
+from laps.cli.eval import evaluate
 from laps.cli.train import build_datamodule, build_module, train
 from laps.compat.serialization import UnsafeCheckpointError, safe_load
 from laps.data.datasets import DataError, load_split, open_image
@@ -169,14 +172,26 @@ def test_long_captions_truncated_and_counted(make_cfg, caplog) -> None:
 
 
 def test_max_words_beyond_the_text_encoder_is_cut_to_fit(make_cfg, caplog) -> None:
+    """dataset.max_words beyond the text encoder's positions: laps-train cuts captions to fit (a
+    longer caption would index past the position embeddings), says so, counts the cut ones, and
+    stores the fitted length, so laps-eval tokenizes the same way, also with a dataset group on its
+    command line (which brings the dataset's own max_words back)."""
     caplog.set_level(logging.WARNING)
-    # the tiny BERT has 128 positions: 126 word pieces plus [CLS] and [SEP]
-    cfg = make_cfg([*QUICK, "dataset.max_words=500", "+trainer.limit_val_batches=1"])
-    train(cfg)
-    assert any("dataset.max_words=500" in r.getMessage() and "truncated to 126" in r.getMessage()
+    positions = 8  # [CLS] + 6 word pieces + [SEP]; the synthetic captions have 9 to 16 words
+    cfg = make_cfg([*BASE, "test=true", "dataset.max_words=40",
+                    f"backbone.text.config_overrides.max_position_embeddings={positions}"], name="short")
+    metrics = train(cfg)
+    assert any("dataset.max_words=40" in r.getMessage() and f"truncated to {positions - 2}" in r.getMessage()
                for r in caplog.records)
-    saved = safe_load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
-    assert saved["laps_config"]["dataset"]["max_words"] == 126  # laps-eval tokenizes the same way
+    out = Path(cfg.paths.output_dir)
+    rows = csv.DictReader((out / "csv" / "metrics.csv").open())
+    assert max(float(r["train/truncated_captions"]) for r in rows if r.get("train/truncated_captions")) > 0
+    best = next((out / "checkpoints").glob("epoch_*.ckpt"))
+    assert safe_load(best)["laps_config"]["dataset"]["max_words"] == positions - 2
+
+    eval_cfg = make_cfg(["trainer=cpu", f"ckpt_path={best}", "dataset=synthetic", *TINY_SYNTHETIC,
+                         "dataset.max_words=40"], name="eval_short", config_name="eval")
+    assert evaluate(eval_cfg)["test/rsum"] == pytest.approx(metrics["test/rsum"], abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- clear errors first

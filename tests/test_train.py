@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_SYNTHETIC
 from helpers.common import TINY_BERT, TINY_VIT
 from laps.cli.eval import evaluate
 from laps.cli.train import train
@@ -67,28 +66,6 @@ def test_train_then_eval_round_trip(make_cfg, tmp_path: Path) -> None:
     assert only_test["test/rsum"] == pytest.approx(written["test/rsum"], abs=1e-4)
     with pytest.raises(ValueError, match="ckpt_path"):
         train(make_cfg([*CPU_FAST, "train=false"], name="nothing_to_test"))
-
-
-def test_captions_are_cut_to_the_text_encoder(make_cfg) -> None:
-    """dataset.max_words beyond the text encoder's positions: laps-train cuts captions to fit (a
-    longer caption would index past the position embeddings), counts the cut ones, and stores the
-    fitted length, so laps-eval tokenizes the same way, also with a dataset group on its command line."""
-    from laps.compat.serialization import safe_load
-
-    positions = 8  # [CLS] + 6 word pieces + [SEP]; the synthetic captions have 9 to 16 words
-    short = [*TINY_VIT, *TINY_BERT, f"+backbone.text.config_overrides.max_position_embeddings={positions}"]
-    cfg = make_cfg([*short, *CPU_FAST, "dataset.max_words=40", "trainer.max_epochs=1"], name="short")
-    metrics = train(cfg)
-    out = Path(cfg.paths.output_dir)
-    rows = csv.DictReader((out / "csv" / "metrics.csv").open())
-    assert max(float(r["train/truncated_captions"]) for r in rows if r.get("train/truncated_captions")) > 0
-    best = next((out / "checkpoints").glob("epoch_*.ckpt"))
-    assert safe_load(best)["laps_config"]["dataset"]["max_words"] == positions - 2
-
-    eval_cfg = make_cfg(["trainer=cpu", f"ckpt_path={best}", "dataset=synthetic", *TINY_SYNTHETIC,
-                         "dataset.max_words=40"], name="eval_short", config_name="eval")
-    again = evaluate(eval_cfg)
-    assert again["test/rsum"] == pytest.approx(metrics["test/rsum"], abs=1e-4)
 
 
 def _run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
