@@ -277,15 +277,18 @@ def test_padding_words_do_not_matter() -> None:
 
 
 def test_large_logits_stay_finite() -> None:
-    """A very sharp aggregation softmax (huge scale) gives finite scores and gradients."""
+    """A very sharp aggregation softmax (huge scale) gives finite scores and gradients, and the
+    scoring path without gradients (evaluation) gives the same scores."""
     head, img, cap, lens = random_case("vit-like", torch.float32, "cpu")
     with torch.no_grad():
         head.aggregation.scale.fill_(1e4)
+        scored = head.similarity(img, cap, lens)[0]
     img.requires_grad_()
     sims, _ = head.similarity(img, cap, lens)
     sims.sum().backward()
     assert torch.isfinite(sims).all() and torch.isfinite(img.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+    assert rel_err(scored, sims) <= 1e-5
 
 
 # ---------------------------------------------------------------------------- autocast

@@ -609,20 +609,19 @@ def _pair_forward(
         # softmax over the kept patches, w = E * keep / Z, and ||A||^2 = w G w^T.
         total = torch.bmm(keep, weights)  # (V, T, M)
         shape = (n_img, n_cap, n_aggr, n_patch)
+        # normalised before the quadratic form: E may be as small as exp(-LOGIT_FLOOR), its square underflows
+        agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
         if for_backward:  # backward needs w G itself
-            agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
             proj = _new(ws, "proj", shape, mm_dtype, device)
             torch.bmm(agg_w.view(n_img, n_cap * n_aggr, n_patch).to(mm_dtype), gram.to(mm_dtype),
                       out=proj.view(n_img, n_cap * n_aggr, n_patch))
             proj = proj.to(real)
             sq = _rowdot(proj, agg_w)  # (V, T, M)
-            del agg_w
-        else:  # (E keep) G (E keep)^T / Z^2: the division by Z on the (V, T, M) result only
+        else:
             proj = None
-            kept_w = torch.mul(w_t.unsqueeze(1), keep.unsqueeze(2), out=_new(ws, "agg_w", shape, real, device))
-            sq = _quadratic_form(kept_w.view(n_img, n_cap * n_aggr, n_patch), images, mm_dtype, ws)
-            sq = sq.view(n_img, n_cap, n_aggr).div_(total.square())
-            del kept_w
+            sq = _quadratic_form(agg_w.view(n_img, n_cap * n_aggr, n_patch), images, mm_dtype, ws)
+            sq = sq.view(n_img, n_cap, n_aggr)
+        del agg_w
         norm = sq.clamp_min(0.0).sqrt().clamp_min(NORM_EPS)
         denom = total * norm
         s_agg = numer.div_(denom.transpose(1, 2).unsqueeze(-1))  # (V, M, T, L)
