@@ -4,6 +4,7 @@ model reproducing the official outputs; hostile pickles are refused by every com
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -80,6 +81,47 @@ def test_imported_checkpoint_reproduces_official(name: str, vocab1000: Path, f30
     assert {"test/rsum", "test/i2t_R@1", "test/t2i_R@1"} <= set(metrics)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/rsum"] == pytest.approx(
         metrics["test/rsum"])
+
+
+@needs_fixtures
+def test_projection_between_equal_widths_is_kept(vocab1000: Path, tmp_path: Path) -> None:
+    """An official file whose vision projection is a Linear although the backbone's width equals
+    embed_size (where the official code has the identity): laps-import-official records
+    ``projection: linear`` and the model rebuilt from the stored configuration scores as the file."""
+    from hydra.utils import instantiate
+
+    from laps.compat.official import load_official_checkpoint
+
+    case = FIXTURES / "official_tiny"
+    raw = safe_load(case / "model_best.pth")
+    width, text_width, hidden, aggregated = 48, 40, 9, 39  # the tiny ViT's width becomes embed_size
+    shapes = {
+        "img_enc.vision_proj.weight": (width, width), "img_enc.vision_proj.bias": (width,),
+        "txt_enc.fc.weight": (width, text_width), "txt_enc.fc.bias": (width,),
+        "cross_net.aggr_net.weight.0.weight": (width,), "cross_net.aggr_net.weight.0.bias": (width,),
+        "cross_net.aggr_net.weight.1.weight": (hidden, width), "cross_net.aggr_net.weight.1.bias": (hidden,),
+        "cross_net.aggr_net.weight.3.weight": (aggregated, hidden),
+    }
+    g = torch.Generator().manual_seed(0)
+    state = {**raw["model"], **{k: 0.1 * torch.randn(*shape, generator=g) for k, shape in shapes.items()}}
+    opt = copy.copy(raw["opt"])
+    opt.embed_size = width
+    path = tmp_path / "model_best.pth"
+    torch.save({**raw, "model": state, "opt": opt}, path)
+
+    out = tmp_path / "imported.ckpt"
+    import_official.main([str(path), "--out", str(out), "--vision-config", str(case / "vision"),
+                          "--text-config", str(case / "text"), "--tokenizer", str(vocab1000)])
+    stored = safe_load(out)
+    backbone = stored["laps_config"]["backbone"]
+    assert backbone["vision"]["projection"] == "linear" and backbone["text"].get("projection", "auto") == "auto"
+    rebuilt = instantiate(stored["laps_config"]["model"]["net"]).eval()
+    rebuilt.load_state_dict({k.removeprefix("net."): v for k, v in stored["state_dict"].items()})  # strict
+    official = load_official_checkpoint(path, case / "vision", case / "text")
+    exp = torch.load(case / "expected.pt", weights_only=True)
+    with torch.no_grad():
+        ours = rebuilt(exp["images"], exp["captions"], exp["lengths"])
+        assert rel_err(ours, official(exp["images"], exp["captions"], exp["lengths"])) < 1e-6
 
 
 # ------------------------------------------------------------------------------------------ hostile pickles

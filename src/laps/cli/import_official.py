@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -59,6 +60,10 @@ def import_official(path: str | Path, out: str | Path, vision_config: str | None
     model = model_from_official(official, vision_config, text_config, source=path)
     vocab = int(model.text.backbone.config.vocab_size)
     overrides = official_overrides(official.hparams, vision_config, text_config, tokenizer, vocab)
+    for part in ("vision", "text"):
+        encoder = getattr(model, part)
+        if encoder.width == encoder.embed_size and not isinstance(encoder.proj, torch.nn.Identity):
+            overrides.append(f"++backbone.{part}.projection=linear")  # the file projects between equal widths
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
@@ -72,7 +77,7 @@ def import_official(path: str | Path, out: str | Path, vision_config: str | None
     if missing or unexpected:
         raise ValueError(
             f"{path}: the converted weights do not fit the laps configuration (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}); an official projection between equal widths is one cause"
+            f"unexpected {unexpected[:5]})"
         )
     checkpoint = {
         "state_dict": state,

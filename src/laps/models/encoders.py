@@ -15,8 +15,16 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 
-def _projection(width: int, embed_size: int) -> nn.Module:
-    return nn.Identity() if width == embed_size else nn.Linear(width, embed_size)
+PROJECTIONS = ("auto", "linear")
+
+
+def _projection(width: int, embed_size: int, projection: str) -> nn.Module:
+    """``auto``: the identity between equal widths (as the official code), else a Linear; ``linear``: always."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if width == embed_size and projection == "auto":
+        return nn.Identity()
+    return nn.Linear(width, embed_size)
 
 
 class VisionEncoder(nn.Module):
@@ -32,12 +40,13 @@ class VisionEncoder(nn.Module):
     num_patches: int
     image_size: int
 
-    def __init__(self, embed_size: int) -> None:
+    def __init__(self, embed_size: int, projection: str = "auto") -> None:
         super().__init__()
         self.embed_size = embed_size
+        self.projection = projection
 
     def _finish_init(self) -> None:
-        self.proj = _projection(self.width, self.embed_size)
+        self.proj = _projection(self.width, self.embed_size, self.projection)
 
     def tokens(self, images: Tensor) -> Tensor:
         """Backbone output tokens ``(B, L, width)``."""
@@ -55,6 +64,8 @@ class HFVisionEncoder(VisionEncoder):
         embed_size: output width.
         pretrained: load the weights; otherwise build a randomly initialised model from the config.
         config_overrides: fields replaced in the config (e.g. ``image_size: 384``).
+        projection: ``auto`` (the identity when the backbone's width equals ``embed_size``, as the
+            official code) or ``linear`` (always a Linear).
     """
 
     def __init__(
@@ -64,8 +75,9 @@ class HFVisionEncoder(VisionEncoder):
         pretrained: bool = True,
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: str | None = None,
+        projection: str = "auto",
     ) -> None:
-        super().__init__(embed_size)
+        super().__init__(embed_size, projection)
         from laps.models.hub import load_hf_model
 
         self.backbone = load_hf_model(
@@ -103,6 +115,7 @@ class TimmVisionEncoder(VisionEncoder):
         pretrained: load pretrained weights (from the hub, the cache, or ``checkpoint_path``).
         checkpoint_path: a local weights file (``pretrained_cfg_overlay`` is set to it).
         model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``).
+        projection: as for :class:`HFVisionEncoder`.
     """
 
     def __init__(
@@ -112,8 +125,9 @@ class TimmVisionEncoder(VisionEncoder):
         pretrained: bool = True,
         checkpoint_path: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        projection: str = "auto",
     ) -> None:
-        super().__init__(embed_size)
+        super().__init__(embed_size, projection)
         from laps.models.hub import create_timm_model
 
         self.backbone = create_timm_model(
@@ -147,7 +161,8 @@ class TextEncoder(nn.Module):
 
     The attention mask is built from the lengths (positions past a caption's length are padding).
     ``vocab_size`` sets the vocabulary of a randomly initialised model (``pretrained=False``)
-    to the tokenizer's; a pretrained model's vocabulary must already cover it.
+    to the tokenizer's; a pretrained model's vocabulary must already cover it. ``projection``: as for
+    :class:`HFVisionEncoder`.
     """
 
     def __init__(
@@ -158,6 +173,7 @@ class TextEncoder(nn.Module):
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: str | None = None,
         vocab_size: int | None = None,
+        projection: str = "auto",
     ) -> None:
         super().__init__()
         from laps.models.hub import load_hf_model
@@ -182,7 +198,7 @@ class TextEncoder(nn.Module):
         self.width = int(self.backbone.config.hidden_size)
         self.max_length = int(getattr(self.backbone.config, "max_position_embeddings", 512))
         self.embed_size = embed_size
-        self.proj = _projection(self.width, embed_size)
+        self.proj = _projection(self.width, embed_size, projection)
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         lengths = torch.as_tensor(lengths, device=input_ids.device)
