@@ -116,6 +116,19 @@ def test_evaluation_scores_a_gumbel_head_with_its_own_selection() -> None:
     assert torch.allclose(scored, direct, atol=1e-6)
 
 
+def test_float64_inputs_score_in_float64() -> None:
+    """Like the top-k head, a gumbel head computes in float64 for float64 inputs (the caption side
+    comes from prepare_captions, which keeps float64), and agrees with its float32 scores."""
+    torch.manual_seed(0)
+    head = LAPSHead(32, 49, 0.3, 0.5, has_cls=True, selection="gumbel").eval()
+    img, cap, lens = _inputs()
+    with torch.no_grad():
+        sims64 = head.double().similarity(img.double(), cap.double(), lens)[0]
+        sims32 = head.float().similarity(img, cap, lens)[0]
+    assert sims64.dtype == torch.float64
+    assert torch.allclose(sims64.float(), sims32, atol=1e-4)
+
+
 def test_explain_pair_refuses_a_gumbel_head() -> None:
     from laps.models.explain import explain_pair
 

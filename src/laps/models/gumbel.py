@@ -84,18 +84,19 @@ def gumbel_similarity(
     """
     n_cls = int(head.has_cls)
     cls, patches = img_embs[:, :n_cls], img_embs[:, n_cls:]
-    p32 = patches.float()
+    real = words_n.dtype  # fp32, float64 for float64 inputs (prepare_captions)
+    p32 = patches.to(real)
     patches_n = F.normalize(p32, dim=-1)
     with torch.no_grad():
         s_img = torch.einsum("vnc,vc->vn", patches_n, F.normalize(p32.mean(1), dim=-1))
     p = head.predictor(patches)
-    logits = head.aggregation(patches).float()  # (B_v, N, M)
+    logits = head.aggregation(patches).to(real)  # (B_v, N, M)
     n_rows = head.num_aggregated + 1 + n_cls
-    pair_bytes = (n_rows * (patches.shape[2] + words_n.shape[1]) + head.num_aggregated * patches.shape[1]) * 4
+    pair_bytes = (n_rows * (patches.shape[2] + words_n.shape[1]) + head.num_aggregated * patches.shape[1]) * real.itemsize
     step = max(1, block_pairs(head.chunk_pairs, img_embs.device.type, pair_bytes) // max(img_embs.shape[0], 1))
     sims, keeps = [], []
     for t0 in range(0, words_n.shape[0], step):
-        args = (p32, patches_n, s_img, p, logits, cls.float(), words_n[t0 : t0 + step],
+        args = (p32, patches_n, s_img, p, logits, cls.to(real), words_n[t0 : t0 + step],
                 cap_lens[t0 : t0 + step], query[t0 : t0 + step])
         fn = functools.partial(_block, head)
         if torch.is_grad_enabled():
