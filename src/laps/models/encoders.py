@@ -18,10 +18,13 @@ log = logging.getLogger(__name__)
 PROJECTIONS = ("auto", "linear")
 
 
-def _projection(width: int, embed_size: int, projection: str) -> nn.Module:
-    """``auto``: the identity between equal widths (as the official code), else a Linear; ``linear``: always."""
+def _check_projection(projection: str) -> None:
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+
+
+def _projection(width: int, embed_size: int, projection: str) -> nn.Module:
+    """``auto``: the identity between equal widths (as the official code), else a Linear; ``linear``: always."""
     if width == embed_size and projection == "auto":
         return nn.Identity()
     return nn.Linear(width, embed_size)
@@ -42,6 +45,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, embed_size: int, projection: str = "auto") -> None:
         super().__init__()
+        _check_projection(projection)  # before any backbone is loaded
         self.embed_size = embed_size
         self.projection = projection
 
@@ -176,6 +180,7 @@ class TextEncoder(nn.Module):
         projection: str = "auto",
     ) -> None:
         super().__init__()
+        _check_projection(projection)
         from laps.models.hub import load_hf_model
 
         overrides = dict(config_overrides or {})

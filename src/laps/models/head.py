@@ -109,8 +109,9 @@ class LAPSHead(nn.Module):
         has_cls: whether token 0 of the image tokens is a [CLS] token.
         chunk_pairs: image-caption pairs scored at once (a block); bounds the working memory of
             forward and backward. ``None`` (the default) sizes blocks by memory instead: the largest
-            temporary of a block stays near :data:`BLOCK_BYTES` of its device type. On CPU blocks
-            never exceed that size, also with a larger ``chunk_pairs``.
+            temporary of a block stays near :data:`BLOCK_BYTES` of its device type
+            (:data:`DEFAULT_BLOCK_BYTES` for types it does not list). On CPU blocks never exceed
+            that size, also with a larger ``chunk_pairs``.
         max_saved_mb: in training, the intermediates kept from forward to backward, in MiB. Blocks
             beyond it are recomputed in backward instead, so memory stays bounded by this plus one
             block; 0 recomputes every block.
@@ -547,8 +548,7 @@ def _score_blocks(
         )
         sims[v0:v1, t0:t1] = out
         plan.append((v0, v1, t0, t1, width))
-        caches.append(cache if keep_cache else None)
-        del cache
+        caches.append(cache)  # None unless kept
     inverse = torch.argsort(order)
     sims = sims.index_select(1, inverse)
     mask = keep_all.index_select(1, inverse) if config.return_mask else None
@@ -575,8 +575,9 @@ def _pair_forward(
     Shapes: ``images`` of V images (:class:`_Images`); keep, fuse (V, T, N). Captions are either
     shared by all images of the block, words (T, L, C) normalised and lens (T,), or given per
     image, words (V, T, L, C) and lens (V, T). The large intermediates are taken from ``ws`` when
-    given (they are then only valid until the next block). Without ``for_backward`` the norms use
-    the symmetry of G and the maxima are taken without their positions.
+    given (they are then only valid until the next block). Without ``for_backward`` the aggregated
+    tokens' norms use the symmetry of G (the fusion token's always do) and the maxima are taken
+    without their positions.
     """
     tokens, gram, weights, cls_norm = images.tokens, images.gram, images.weights, images.cls_norm
     with torch.autocast(tokens.device.type, enabled=False):

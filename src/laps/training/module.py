@@ -125,19 +125,20 @@ class LAPSLitModule(LightningModule):
         if img.shape[0] < 2:  # every image of the (global) batch was skipped: nothing to contrast
             return None
         sims, mask = self.net.head.similarity(img, cap, lens, return_mask=True)
-        contrastive = contrastive_loss(sims, ids, self.hparams.margin, self.max_violation())
+        hardest = self.max_violation()
+        contrastive = contrastive_loss(sims, ids, self.hparams.margin, hardest)
         ratio = ratio_loss(mask, self.net.head.sparse_ratio)
         alpha = self.warmup_alpha(batch_idx)
         loss = alpha * contrastive + self.hparams.ratio_weight * ratio
         bs = batch["images"].shape[0]
         if self.hparams.pooled_weight > 0:
-            pooled = contrastive_loss(pooled_similarity(img, cap, lens), ids, self.hparams.margin, self.max_violation())
+            pooled = contrastive_loss(pooled_similarity(img, cap, lens), ids, self.hparams.margin, hardest)
             loss = loss + alpha * self.hparams.pooled_weight * pooled
             self.log("train/pooled_loss", pooled, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/contrastive", contrastive, batch_size=bs)
         self.log("train/ratio_loss", ratio, batch_size=bs)
-        self.log("train/max_violation", float(self.max_violation()), batch_size=bs)
+        self.log("train/max_violation", float(hardest), batch_size=bs)
         return loss
 
     def on_train_epoch_start(self) -> None:
