@@ -88,13 +88,15 @@ def _unpickler_detail(error: BaseException) -> str:
     return type(error).__name__
 
 
-def safe_load(path: str | os.PathLike, extra_globals: Iterable[Any] = ()) -> Any:
+def safe_load(path: str | os.PathLike, extra_globals: Iterable[Any] = (), mmap: bool = False) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with :data:`ALLOWED_GLOBALS`.
 
     Args:
         path: a file written by ``torch.save``.
         extra_globals: further classes/functions to allow for this call only (entries as for
             ``torch.serialization.safe_globals``: the object, or ``(object, "module.name")``).
+        mmap: map the tensors' storage instead of reading it (zip-format files only): a check
+            of the pickle that costs next to nothing for large checkpoints.
 
     Returns:
         The unpickled object, tensors on the CPU.
@@ -109,7 +111,7 @@ def safe_load(path: str | os.PathLike, extra_globals: Iterable[Any] = ()) -> Any
     allowed = [*ALLOWED_GLOBALS, *extra_globals]
     with torch.serialization.safe_globals(allowed):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
             refused = _refused_globals(path, allowed, err)
             log.warning("Refused unsafe checkpoint %s (globals: %s)", path, refused)
