@@ -41,9 +41,9 @@ QUICK = [*BASE, "+trainer.limit_train_batches=3"]
 @pytest.fixture(scope="module")
 def clean_set(synthetic_root: Path) -> Path:
     """The shared tiny synthetic set (generated here if no test did it yet)."""
-    from laps.data.synthetic import ensure_synthetic
+    from laps.data.synthetic import SyntheticParams, ensure_synthetic
 
-    return ensure_synthetic(synthetic_root / "synthetic", **SYNTHETIC)
+    return ensure_synthetic(synthetic_root / "synthetic", SyntheticParams(**SYNTHETIC))
 
 
 @pytest.fixture

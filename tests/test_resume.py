@@ -52,10 +52,10 @@ def _cmd(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from laps.data.synthetic import ensure_synthetic
+    from laps.data.synthetic import SyntheticParams, ensure_synthetic
 
     root = tmp_path_factory.mktemp("resume_data")
-    ensure_synthetic(root / "synthetic", **SYNTHETIC)
+    ensure_synthetic(root / "synthetic", SyntheticParams(**SYNTHETIC))
     return root
 
 

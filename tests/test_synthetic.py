@@ -178,23 +178,23 @@ def test_vocab_loads_with_bert_tokenizer(synth: Path, fast: bool) -> None:
 def test_ensure_synthetic_regenerates_only_on_change(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     params = {"n_train": 10, "n_dev": 5, "n_test": 5}
-    ensure_synthetic(root, **params)
+    ensure_synthetic(root, SyntheticParams(**params))
     sentinel = root / "sentinel"
     sentinel.write_text("x")
-    ensure_synthetic(root, **params)
+    ensure_synthetic(root, SyntheticParams(**params))
     assert sentinel.exists(), "regenerated although parameters were unchanged"
-    ensure_synthetic(root, **{**params, "seed": 1})
+    ensure_synthetic(root, SyntheticParams(**{**params, "seed": 1}))
     assert not sentinel.exists(), "not regenerated after a parameter change"
     assert json.loads((root / "meta.json").read_text())["params"]["seed"] == 1
     sentinel.write_text("x")
-    ensure_synthetic(root, force=True, **{**params, "seed": 1})  # laps-make-synthetic --force
+    ensure_synthetic(root, SyntheticParams(**{**params, "seed": 1}), force=True)  # laps-make-synthetic --force
     assert not sentinel.exists() and (root / "meta.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name != "ds"], "temporary folders left behind"
     # without its meta.json the folder is no longer known to be a generated set: left alone
     sentinel.write_text("x")
     (root / "meta.json").unlink()
     with pytest.raises(FileExistsError):
-        ensure_synthetic(root, force=True, **params)
+        ensure_synthetic(root, SyntheticParams(**params), force=True)
     assert sentinel.exists()
 
 
@@ -206,7 +206,7 @@ def test_ensure_synthetic_refuses_foreign_folder(tmp_path: Path, marker: str | N
     if marker:
         (tmp_path / marker).write_text('{"version": 1}' if marker == "meta.json" else "[PAD]\n")
     with pytest.raises(FileExistsError):
-        ensure_synthetic(tmp_path, force=True, n_train=2, n_dev=1, n_test=1)
+        ensure_synthetic(tmp_path, SyntheticParams(n_train=2, n_dev=1, n_test=1), force=True)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 

@@ -35,11 +35,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "InferenceModel",
+    "disable_pretrained",
     "eval_transform",
     "inference_config",
     "load_for_inference",
     "model_fingerprint",
     "resolve_device",
+    "synchronize",
 ]
 
 _WORD_EMBEDDINGS = "text.backbone.embeddings.word_embeddings.weight"

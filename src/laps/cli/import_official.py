@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -16,7 +15,6 @@ from laps.cli.common import register_resolvers
 from laps.paths import config_dir
 
 log = logging.getLogger("laps")
-
 
 
 def backbone_option(vision_name: str) -> str:
@@ -60,10 +58,8 @@ def import_official(path: str | Path, out: str | Path, vision_config: str | None
     model = model_from_official(official, vision_config, text_config, source=path)
     vocab = int(model.text.backbone.config.vocab_size)
     overrides = official_overrides(official.hparams, vision_config, text_config, tokenizer, vocab)
-    for part in ("vision", "text"):
-        encoder = getattr(model, part)
-        if encoder.width == encoder.embed_size and not isinstance(encoder.proj, torch.nn.Identity):
-            overrides.append(f"++backbone.{part}.projection=linear")  # the file projects between equal widths
+    # "linear" where the file projects between equal widths (loading replaced the identity)
+    overrides += [f"++backbone.{part}.projection={getattr(model, part).projection}" for part in ("vision", "text")]
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
 
 from laps.data.synthetic import TEMPLATES, SyntheticParams, ensure_synthetic, num_possible_scenes
 
@@ -59,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         log.error("%s", err)
         return 2
-    root = ensure_synthetic(args.out, force=args.force, **asdict(params))
+    root = ensure_synthetic(args.out, params, force=args.force)
     log.info("synthetic set ready at %s", root)
     return 0
 

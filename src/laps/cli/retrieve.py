@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from laps.inference import synchronize
@@ -274,7 +275,7 @@ def resolve_prerank(prerank: str, engine: Any, index: dict[str, Any]) -> str:
     index's images have a [CLS] token, else ``mean``; other values unchanged."""
     if prerank != "auto":
         return prerank
-    trained = float((engine.config.get("model") or {}).get("pooled_weight", 0.0) or 0.0) > 0
+    trained = float(OmegaConf.select(engine.config, "model.pooled_weight", default=0.0) or 0.0) > 0
     return "cls" if index.get("has_cls", False) and not trained else "mean"
 
 

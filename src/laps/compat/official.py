@@ -407,6 +407,7 @@ def _load_projection(encoder: nn.Module, state_dict: Mapping[str, Tensor]) -> No
         weight = state_dict["weight"]
         ref = next(encoder.parameters())
         encoder.proj = nn.Linear(weight.shape[1], weight.shape[0], device=ref.device, dtype=ref.dtype)
+        encoder.projection = "linear"
         log.info(
             "%s: width == embed_size, but the official checkpoint projects: using a Linear",
             type(encoder).__name__,

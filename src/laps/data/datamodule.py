@@ -96,9 +96,9 @@ class LAPSDataModule(LightningDataModule):
     # ------------------------------------------------------------------ set-up
     def prepare_data(self) -> None:
         if self.synthetic is not None:
-            from laps.data.synthetic import ensure_synthetic
+            from laps.data.synthetic import SyntheticParams, ensure_synthetic
 
-            ensure_synthetic(self.root, **self.synthetic)
+            ensure_synthetic(self.root, SyntheticParams(**self.synthetic))
         elif not self.root.is_dir():
             raise FileNotFoundError(
                 f"dataset folder {self.root} does not exist: set dataset.root=/path/to/{self.name} "

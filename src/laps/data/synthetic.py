@@ -338,7 +338,7 @@ def _remove_old(root: Path) -> None:
     meta = read_meta(root)
     if any(root.iterdir()) and (meta is None or meta.get("generator") != GENERATOR):
         raise FileExistsError(
-            f"{root} exists and is not a synthetic set made by {GENERATOR} (its meta.json says so); "
+            f"{root} exists and is not a synthetic set made by {GENERATOR} (no meta.json from it); "
             "not overwriting it: remove it yourself or choose another dataset.root"
         )
     trash = root.with_name(f".{root.name}.old-{os.getpid()}")
@@ -346,15 +346,14 @@ def _remove_old(root: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def ensure_synthetic(root: str | os.PathLike, force: bool = False, **params: Any) -> Path:
-    """Generate the set at ``root`` unless its ``meta.json`` records the same parameters (or ``force``);
-    return ``root``.
+def ensure_synthetic(root: str | os.PathLike, params: SyntheticParams | None = None, force: bool = False) -> Path:
+    """Generate the set of ``params`` (default: :class:`SyntheticParams`'s) at ``root`` unless its
+    ``meta.json`` records the same parameters (or ``force``); return ``root``.
 
-    ``params`` are those of :func:`generate_synthetic` (defaults filled in). Generation goes into a
-    temporary folder beside ``root`` that is renamed into place when complete.
+    Generation goes into a temporary folder beside ``root`` that is renamed into place when complete.
     """
     root = Path(root)
-    p = SyntheticParams(**params)
+    p = params or SyntheticParams()
     if not force and _is_current(root, p):
         log.info("synthetic set at %s is up to date", root)
         return root

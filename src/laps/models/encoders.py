@@ -203,6 +203,7 @@ class TextEncoder(nn.Module):
         self.width = int(self.backbone.config.hidden_size)
         self.max_length = int(getattr(self.backbone.config, "max_position_embeddings", 512))
         self.embed_size = embed_size
+        self.projection = projection
         self.proj = _projection(self.width, embed_size, projection)
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
