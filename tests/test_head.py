@@ -219,10 +219,17 @@ def test_gpu_block_plan_matches_reference(kind: str, monkeypatch: pytest.MonkeyP
     from laps.models import head as head_module
 
     plan = head_module._plan_blocks
-    monkeypatch.setattr(head_module, "_plan_blocks", lambda n_img, n_cap, pairs, _: plan(n_img, n_cap, pairs, "cuda"))
+    planned: list[list[tuple[int, int, int, int]]] = []
+
+    def as_on_gpu(n_img: int, n_cap: int, pairs: int, _device_type: str) -> list[tuple[int, int, int, int]]:
+        planned.append(plan(n_img, n_cap, pairs, "cuda"))
+        return planned[-1]
+
+    monkeypatch.setattr(head_module, "_plan_blocks", as_on_gpu)
     head, img, cap, lens = random_case("many-captions", torch.float64, "cpu")
     assert len(plan(img.shape[0], cap.shape[0], head.chunk_pairs, "cuda")) == 1
     compare_to_reference(head, img, cap, lens, upstream_grad((img.shape[0], cap.shape[0]), kind), 1e-9, {})
+    assert planned and all(p == [(0, img.shape[0], 0, cap.shape[0])] for p in planned)  # one block, as planned
 
 
 @pytest.mark.parametrize("max_saved_mb", [0.0, 0.01, 1024.0])
@@ -268,12 +275,15 @@ def test_padding_words_do_not_matter() -> None:
     for t, n in enumerate(lens.tolist()):
         noisy[t, n:] = 1e3 * torch.randn_like(noisy[t, n:])
     grad = upstream_grad((img.shape[0], cap.shape[0]), "dense")
-    a, _, d_img_a, d_cap_a, _ = run_with_grads(lambda i, c: head.similarity(i, c, lens), head, img, cap, grad)
-    b, _, d_img_b, d_cap_b, _ = run_with_grads(lambda i, c: head.similarity(i, c, lens), head, img, noisy, grad)
+    a, _, d_img_a, d_cap_a, d_par_a = run_with_grads(lambda i, c: head.similarity(i, c, lens), head, img, cap, grad)
+    b, _, d_img_b, d_cap_b, d_par_b = run_with_grads(lambda i, c: head.similarity(i, c, lens), head, img, noisy, grad)
     assert rel_err(b, a) <= 1e-12
     assert rel_err(d_img_b, d_img_a) <= 1e-12
     for t, n in enumerate(lens.tolist()):
         assert rel_err(d_cap_b[t, :n], d_cap_a[t, :n]) <= 1e-12
+        assert not d_cap_b[t, n:].any()  # padding gets no gradient
+    for name, g in d_par_a.items():
+        assert (d_par_b[name] - g).norm() <= 1e-12 * max(1.0, float(g.norm())), name
 
 
 def test_large_logits_stay_finite() -> None:

@@ -177,7 +177,7 @@ def test_max_words_beyond_the_text_encoder_is_cut_to_fit(make_cfg, caplog) -> No
     stores the fitted length, so laps-eval tokenizes the same way, also with a dataset group on its
     command line (which brings the dataset's own max_words back)."""
     caplog.set_level(logging.WARNING)
-    positions = 8  # [CLS] + 6 word pieces + [SEP]; the synthetic captions have 9 to 16 words
+    positions = 8  # [CLS] + 6 word pieces + [SEP]; the synthetic captions have 10 to 17 words
     cfg = make_cfg([*BASE, "test=true", "dataset.max_words=40",
                     f"backbone.text.config_overrides.max_position_embeddings={positions}"], name="short")
     metrics = train(cfg)

@@ -141,7 +141,7 @@ def test_search_prints_rankings(tiny_ckpt, tmp_path: Path, capsys) -> None:
 # ---------------------------------------------------------------------------- retrieval quality
 # A small trained model: 32 px images (4 x 4 patches of 8 px), width 64, one layer per encoder;
 # 400 training scenes, 3 epochs of batch 32 with the sum over negatives throughout (hardest negatives
-# from epoch 1, the official schedule, make this short run collapse: R@10 about 50 instead of 86-88).
+# from epoch 1, the official schedule, make this short run collapse: R@10 about 50 instead of 77-91).
 TRAIN = [
     "trainer=cpu", "logger=csv", "backbone=vit", "backbone.pretrained=false", "backbone.embed_size=64",
     "backbone.image_size=32", "+backbone.vision.config_overrides.patch_size=8",
@@ -239,7 +239,7 @@ def test_retrieval_of_a_trained_model(tmp_path_factory: pytest.TempPathFactory) 
     print("\n".join(lines))
     # Re-ranking is only as good as its first stage. On this model the mean-pooled first stage keeps
     # the right image in its top 30 for only 69-79% of the queries (R@10 after re-ranking 60-70
-    # against 77-89): LAPS trains token-level alignment, not the mean of the tokens. Only the exact
+    # against 77-91): LAPS trains token-level alignment, not the mean of the tokens. Only the exact
     # bound above holds for it (model.pooled_weight trains it: see the next test). The [CLS] token is
     # one of the aligned rows: with K = 50 its first stage keeps 95.6-99.8% of the right images and
     # re-ranking stays close to full scoring (measured on five trained models: -1.6, -1.0, +0.0, +0.2,
@@ -255,7 +255,7 @@ def test_pooled_training_aligns_the_mean_first_stage(tmp_path_factory: pytest.Te
     them, and re-ranking 40 of 100 images stays close to full scoring.
 
     Measured on five trained models (seeds, and rounding changes of the head, which send the
-    4-epoch training elsewhere): the right image in the first stage's top 40 for 96.8-100% of the
+    3-epoch training elsewhere): the right image in the first stage's top 40 for 96.8-100% of the
     queries, R@10 after re-ranking 0-1.2 points under full scoring (with K = 30: 0-2.2 points,
     94.8-99.8%); without the loss the mean first stage keeps 69-79% in its top 30 (previous test).
     """

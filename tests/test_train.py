@@ -61,6 +61,7 @@ def test_train_then_eval_round_trip(make_cfg, tmp_path: Path) -> None:
     # the monitored metric's best epoch, beside the last epoch's val/...
     logged = [float(r["val/rsum"]) for r in csv.DictReader((out / "csv" / "metrics.csv").open()) if r.get("val/rsum")]
     assert len(logged) == 2 and written["val/rsum_best"] == pytest.approx(max(logged))
+    assert written["val/rsum"] == pytest.approx(logged[-1])
     # train=false tests the given checkpoint, as laps-eval does
     only_test = train(make_cfg([*CPU_FAST, "train=false", f"ckpt_path={best}"], name="test_only"))
     assert only_test["test/rsum"] == pytest.approx(written["test/rsum"], abs=1e-4)
@@ -95,15 +96,21 @@ def test_wrong_override_is_one_clear_line(tmp_path: Path, args: list[str], needl
 
 
 def test_pooled_weight_trains_the_pooled_loss(make_cfg) -> None:
-    import csv
-
+    """model.pooled_weight adds its weighted hinge loss on pooled vectors to the training loss (and
+    logs it); at 0 there is no such term."""
     steps = [*CPU_FAST, "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-             "trainer.log_every_n_steps=1", "test=false"]
+             "trainer.log_every_n_steps=1", "test=false", "model.embedding_warmup_epochs=-1"]  # no ramp: alpha 1
     logged = {}
     for name, weight in (("pooled", 0.5), ("plain", 0.0)):
         cfg = make_cfg([*steps, f"model.pooled_weight={weight}"], name=name)
         train(cfg)
-        rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
+        rows = [r for r in csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open())
+                if r.get("train/loss")]
+        assert len(rows) == 2
+        for r in rows:
+            pooled = weight * float(r["train/pooled_loss"]) if weight else 0.0
+            expected = float(r["train/contrastive"]) + 2.0 * float(r["train/ratio_loss"]) + pooled
+            assert float(r["train/loss"]) == pytest.approx(expected, rel=1e-4)
         logged[name] = [float(r["train/pooled_loss"]) for r in rows if r.get("train/pooled_loss")]
     assert len(logged["pooled"]) == 2 and all(v > 0 for v in logged["pooled"])  # random vectors: violations
     assert logged["plain"] == []
@@ -118,3 +125,13 @@ def test_compile_keeps_parameter_names(make_cfg) -> None:
     compiled = build_module(make_cfg(["backbone=tiny", "compile=true"], name="compiled"), 64)
     assert list(compiled.state_dict()) == list(plain.state_dict())
     assert any(k.startswith("net.vision.backbone.") for k in compiled.state_dict())
+    for part in ("vision", "text"):  # compiled indeed, in place
+        assert getattr(compiled.net, part)._compiled_call_impl is not None
+        assert getattr(plain.net, part)._compiled_call_impl is None
+
+    def group_sizes(module) -> list[int]:
+        opt = module.configure_optimizers()
+        opt = opt["optimizer"] if isinstance(opt, dict) else opt
+        return [len(g["params"]) for g in opt.param_groups]
+
+    assert group_sizes(compiled) == group_sizes(plain) and group_sizes(plain)[0] > 0  # the backbone group
