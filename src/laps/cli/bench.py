@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from laps.inference import resolve_device, synchronize
+from laps.models.gemm import cpu_backend, set_cpu_backend
 
 log = logging.getLogger("laps")
 
@@ -375,7 +376,9 @@ def print_table(result: dict[str, Any]) -> None:
     table = Table(title=(
         f"laps-bench on {result['device_name']} ({cfg['tokens']} tokens, {cfg['dim']} dims, "
         f"ratios {cfg['sparse_ratio']}/{cfg['aggr_ratio']}, caption lengths {cfg['lengths']} "
-        f"{cfg['min_words']}-{cfg['words']})"
+        f"{cfg['min_words']}-{cfg['words']}"
+        + (f", head's CPU GEMMs: {result['cpu_gemm']}" if result["device"] == "cpu" else "")
+        + ")"
     ))
     for col in ("measurement", "shape", "head", "reference", "reference / head"):
         table.add_column(col, justify="left" if col in ("measurement", "shape") else "right")
@@ -443,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-batch", type=int, default=48, help="batch of the memory measurement (default 48)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up; the best is kept")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--cpu-gemm", choices=["onednn", "torch"], default=None,
+                   help="kernels of the head's float32 CPU products (laps.models.gemm; default onednn where "
+                   "PyTorch has it). The reference always uses torch's, like the official code; 'torch' "
+                   "times the head with the same kernels")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference loop")
     p.add_argument("--no-head-train", dest="head_train", action="store_false", help="skip the head training step")
     p.add_argument("--no-scoring", dest="scoring", action="store_false", help="skip scoring")
@@ -490,6 +497,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_gemm:
+        set_cpu_backend(args.cpu_gemm)
     device = resolve_device(args.device)
     args = resolve_args(args, device)
     if args.memory_worker:
@@ -513,6 +522,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_gemm": cpu_backend(),
         "torch": torch.__version__,
         "command": "laps-bench " + " ".join(argv),
         "config": {k: getattr(args, k) for k in (

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from laps.models.gemm import bmm_nt, linear, mm_nt, onednn_for
 from laps.models.pooling import pool_text
 
 LEAKY_SLOPE = 0.1
@@ -88,7 +89,9 @@ class TokenAggregation(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``(..., N, C)`` -> logits ``(..., N, M)``."""
-        return self.mlp(tokens) * self.scale
+        norm, fc1, act, fc2 = self.mlp
+        hidden = act(linear(norm(tokens), fc1.weight, fc1.bias))
+        return linear(hidden, fc2.weight, fc2.bias) * self.scale
 
 
 class PatchSelection(NamedTuple):
@@ -418,7 +421,7 @@ def _select(tokens: Tensor, patch_norm: Tensor, salience: Tensor, query: Tensor,
     with torch.autocast(tokens.device.type, enabled=False):
         n_img, n_tok, dim = tokens.shape
         n_patch = patch_norm.shape[1]
-        rel = torch.mm(query.to(tokens.dtype), tokens.reshape(n_img * n_tok, dim).t())  # (T, V * L_v)
+        rel = mm_nt(query.to(tokens.dtype), tokens.reshape(n_img * n_tok, dim))  # (T, V * L_v)
         rel = rel.view(-1, n_img, n_tok)[:, :, n_tok - n_patch :].transpose(0, 1)  # (V, T, N)
         score = torch.addcdiv(salience.unsqueeze(1), rel, patch_norm.unsqueeze(1))
         kept = score.topk(num_keep, dim=-1, sorted=False).indices
@@ -467,24 +470,26 @@ def _cache_bytes(n_img: int, n_tok: int, n_cap: int, n_word: int, n_aggr: int, n
 class _Images(NamedTuple):
     """Per-image inputs of the pair scoring: tokens (V, L_v, C), gram (V, N, N), weights (V, N, M)
     and cls_norm (V, R_c), and what is derived from them once per call: weights_t (V, M, N), and
-    gram_upper = [A, 2B] (V, N/2, N) and gram_lower = D of ``G = [[A, B], [B^T, D]]``."""
+    with ``G = [[A, B], [B^T, D]]`` (blocks of N/2), ``gram_left = [A; 2 B^T]`` (V, N, N/2), the
+    transpose of ``[A, 2B]``, and ``gram_lower = D``, both contiguous."""
 
     tokens: Tensor
     gram: Tensor
     weights: Tensor
     cls_norm: Tensor
     weights_t: Tensor
-    gram_upper: Tensor
+    gram_left: Tensor
     gram_lower: Tensor
 
     @classmethod
     def build(cls, tokens: Tensor, gram: Tensor, weights: Tensor, cls_norm: Tensor) -> _Images:
         with torch.no_grad():
             half = gram.shape[-1] // 2
-            upper = gram[:, :half].clone()
-            upper[..., half:].mul_(2.0)
+            left = gram[:, :, :half].clone()
+            left[:, half:].mul_(2.0)
             weights_t = weights.transpose(1, 2).contiguous()
-        return cls(tokens, gram, weights, cls_norm, weights_t, upper, gram[:, half:, half:])
+            lower = gram[:, half:, half:].contiguous()
+        return cls(tokens, gram, weights, cls_norm, weights_t, left, lower)
 
     def take(self, index: slice | Tensor) -> _Images:
         """The images at ``index`` (a slice, or a tensor of image indices)."""
@@ -528,11 +533,13 @@ def _score_blocks(
     # Selection for all images and a run of captions at once (a wide GEMM instead of thin ones).
     span = blocks[0][3] - blocks[0][2]
     span *= max(1, SELECT_CAPTIONS // span)
-    sel_range, sel = (0, 0), None
+    # ... and so are the norms of blocks that keep nothing for backward (larger products per image).
+    sel_range, sel, norms = (0, 0), None, None
     for v0, v1, t0, t1 in blocks:
         if not sel_range[0] <= t0 < t1 <= sel_range[1]:
             sel_range = (t0, min(n_cap, t0 + span))
             sel = _select(select_tokens, patch_norm, salience, query_s[sel_range[0] : sel_range[1]], config.num_keep)
+            norms = None
             if keep_all is not None:
                 keep_all[:, sel_range[0] : sel_range[1]] = sel.keep
             if fuse_all is not None:
@@ -542,9 +549,15 @@ def _score_blocks(
         size = _cache_bytes(v1 - v0, n_tok, t1 - t0, width, n_aggr, n_patch, config.mm_dtype, real)
         keep_cache = save and saved + size <= config.max_saved_bytes
         saved += size if keep_cache else 0
+        block_norms = None
+        if not keep_cache:
+            if norms is None:
+                norms = _norms(images, sel.keep, sel.fuse, config.mm_dtype, ws)
+            block_norms = tuple(x[v0:v1, a:b] for x in norms)
         out, cache = _pair_forward(
             images.take(slice(v0, v1)), words_s[t0:t1, :width], sel.keep[v0:v1, a:b], sel.fuse[v0:v1, a:b],
             lens_s[t0:t1], config.n_cls, config.mm_dtype, ws=None if keep_cache else ws, for_backward=keep_cache,
+            norms=block_norms,
         )
         sims[v0:v1, t0:t1] = out
         plan.append((v0, v1, t0, t1, width))
@@ -569,15 +582,16 @@ def _pair_forward(
     mm_dtype: torch.dtype,
     ws: _Workspace | None = None,
     for_backward: bool = True,
+    norms: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Similarities ``(V, T)`` of a block and, with ``for_backward``, the intermediates its backward needs.
 
     Shapes: ``images`` of V images (:class:`_Images`); keep, fuse (V, T, N). Captions are either
     shared by all images of the block, words (T, L, C) normalised and lens (T,), or given per
     image, words (V, T, L, C) and lens (V, T). The large intermediates are taken from ``ws`` when
-    given (they are then only valid until the next block). Without ``for_backward`` the aggregated
-    tokens' norms use the symmetry of G (the fusion token's always do) and the maxima are taken
-    without their positions.
+    given (they are then only valid until the next block). Without ``for_backward`` the norms come
+    from :func:`_norms` (or ``norms``, its output for these pairs) and the maxima are taken without
+    their positions.
     """
     tokens, gram, weights, cls_norm = images.tokens, images.gram, images.weights, images.cls_norm
     with torch.autocast(tokens.device.type, enabled=False):
@@ -589,40 +603,39 @@ def _pair_forward(
         tok = tokens.to(mm_dtype)
         wrd = words.to(mm_dtype)
         # <word_j, token_k>: one GEMM (V * L_v, C) @ (C, T * L) for shared captions, else one per image.
-        dots = _new(ws, "dots", (n_img, n_tok, n_cap, n_word), mm_dtype, device)
+        buf = _new(ws, "dots", (n_img, n_tok, n_cap * n_word), mm_dtype, device)
         if shared:
-            torch.mm(tok.reshape(n_img * n_tok, dim), wrd.reshape(n_cap * n_word, dim).t(),
-                     out=dots.view(n_img * n_tok, n_cap * n_word))
+            dots = mm_nt(tok.reshape(n_img * n_tok, dim), wrd.reshape(n_cap * n_word, dim), out=buf.flatten(0, 1))
         else:
-            torch.bmm(tok, wrd.reshape(n_img, n_cap * n_word, dim).transpose(1, 2),
-                      out=dots.view(n_img, n_tok, n_cap * n_word))
+            dots = bmm_nt(tok, wrd.reshape(n_img, n_cap * n_word, dim), out=buf)
+        dots = dots.view(n_img, n_tok, n_cap, n_word)
         dots_kept = dots[:, n_cls:]
         # fusion token f = fuse @ P: <word_j, f> = sum_k fuse_k <word_j, P_k> (dropped k), ||f||^2 = fuse G fuse^T.
+        w_t = images.weights_t  # (V, M, N)
+        if for_backward:  # backward needs w G itself
+            total = torch.bmm(keep, weights)  # (V, T, M)
+            shape = (n_img, n_cap, n_aggr, n_patch)
+            agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
+            proj = _new(ws, "proj", shape, mm_dtype, device)
+            # G is symmetric: w G = w G^T
+            proj = bmm_nt(agg_w.view(n_img, n_cap * n_aggr, n_patch).to(mm_dtype), gram.to(mm_dtype),
+                          out=proj.view(n_img, n_cap * n_aggr, n_patch)).view(shape)
+            proj = proj.to(real)
+            sq = _rowdot(proj, agg_w)  # (V, T, M)
+            del agg_w
+            f_sq = _quadratic_form(fuse, images, mm_dtype, ws)
+        else:
+            proj = None
+            total, sq, f_sq = norms if norms is not None else _norms(images, keep, fuse, mm_dtype, ws)
+        # fusion token f = fuse @ P: <word_j, f> = sum_k fuse_k <word_j, P_k> (dropped k), ||f||^2 = fuse G fuse^T.
         f_num = _fusion_dots(fuse.to(mm_dtype), dots_kept).to(real)  # (V, T, L)
-        f_len = _quadratic_form(fuse, images, mm_dtype, ws).clamp_min(0.0).sqrt()  # (V, T)
+        f_len = f_sq.clamp_min(0.0).sqrt()  # (V, T)
         f_norm = f_len.clamp_min(NORM_EPS)
         s_fuse = f_num.div_(f_norm.unsqueeze(-1))
         dots_kept.mul_(keep.transpose(1, 2).unsqueeze(-1).to(mm_dtype))  # (V, N, T, L), zero at dropped patches
         # <word_j, sum_k E_km keep_k P_k>: a GEMM per image.
-        w_t = images.weights_t  # (V, M, N)
         numer = torch.bmm(w_t.to(mm_dtype), dots_kept.reshape(n_img, n_patch, n_cap * n_word))
         numer = numer.to(real).view(n_img, n_aggr, n_cap, n_word)
-        # softmax over the kept patches, w = E * keep / Z, and ||A||^2 = w G w^T.
-        total = torch.bmm(keep, weights)  # (V, T, M)
-        shape = (n_img, n_cap, n_aggr, n_patch)
-        # normalised before the quadratic form: E may be as small as exp(-LOGIT_FLOOR), its square underflows
-        agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
-        if for_backward:  # backward needs w G itself
-            proj = _new(ws, "proj", shape, mm_dtype, device)
-            torch.bmm(agg_w.view(n_img, n_cap * n_aggr, n_patch).to(mm_dtype), gram.to(mm_dtype),
-                      out=proj.view(n_img, n_cap * n_aggr, n_patch))
-            proj = proj.to(real)
-            sq = _rowdot(proj, agg_w)  # (V, T, M)
-        else:
-            proj = None
-            sq = _quadratic_form(agg_w.view(n_img, n_cap * n_aggr, n_patch), images, mm_dtype, ws)
-            sq = sq.view(n_img, n_cap, n_aggr)
-        del agg_w
         norm = sq.clamp_min(0.0).sqrt().clamp_min(NORM_EPS)
         denom = total * norm
         s_agg = numer.div_(denom.transpose(1, 2).unsqueeze(-1))  # (V, M, T, L)
@@ -656,6 +669,38 @@ def _pair_forward(
     return sims, cache
 
 
+def _norms(
+    images: _Images, keep: Tensor, fuse: Tensor, mm_dtype: torch.dtype, ws: _Workspace | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax totals ``Z = keep E`` (V, T, M) and the squared norms of the aggregated tokens (V, T, M)
+    and of the fusion token (V, T), for keep and fusion weights (V, T, N).
+
+    The aggregated tokens' weights ``w = E * keep / Z`` (normalised before the quadratic form: ``E``
+    may be as small as ``exp(-LOGIT_FLOOR)``, its square underflows) and the fusion weights of all
+    T captions are the rows of one quadratic form per image, a few images at a time (a block's
+    memory), so that each image's products are as large as the captions allow.
+    """
+    n_img, n_cap, n_patch = keep.shape
+    n_aggr = images.weights.shape[2]
+    real, device = images.gram.dtype, keep.device
+    total = torch.bmm(keep, images.weights)
+    n_rows = n_cap * (n_aggr + 1)
+    budget = BLOCK_BYTES.get(device.type, DEFAULT_BLOCK_BYTES)
+    step = max(1, budget // (n_rows * n_patch * real.itemsize))
+    sq = keep.new_empty(n_img, n_cap, n_aggr)
+    f_sq = keep.new_empty(n_img, n_cap)
+    for v0 in range(0, n_img, step):
+        v1 = min(v0 + step, n_img)
+        rows = _new(ws, "norm_rows", (v1 - v0, n_rows, n_patch), real, device)
+        agg = rows[:, : n_cap * n_aggr].view(v1 - v0, n_cap, n_aggr, n_patch)
+        _softmax_weights(images.weights_t[v0:v1], keep[v0:v1], total[v0:v1], out=agg)
+        rows[:, n_cap * n_aggr :] = fuse[v0:v1]
+        q = _quadratic_form(rows, images.take(slice(v0, v1)), mm_dtype, ws)
+        sq[v0:v1] = q[:, : n_cap * n_aggr].view(v1 - v0, n_cap, n_aggr)
+        f_sq[v0:v1] = q[:, n_cap * n_aggr :]
+    return total, sq, f_sq
+
+
 def _fusion_dots(fuse: Tensor, dots: Tensor, group: int = 16) -> Tensor:
     """``sum_k fuse[v, t, k] dots[v, k, t, l]``: fuse (V, T, N), dots (V, N, T, L) -> (V, T, L).
 
@@ -683,11 +728,12 @@ def _quadratic_form(w: Tensor, images: _Images, mm_dtype: torch.dtype, ws: _Work
     half = n_patch // 2
     real = w.dtype
     u, v = w[..., :half], w[..., half:]
-    top = _new(ws, "qf_top", (n_img, n_rows, n_patch), mm_dtype, w.device)
-    torch.bmm(u.to(mm_dtype), images.gram_upper.to(mm_dtype), out=top)  # u [A, 2B]
-    low = _new(ws, "qf_low", (n_img, n_rows, n_patch - half), mm_dtype, w.device)
-    torch.bmm(v.to(mm_dtype), images.gram_lower.to(mm_dtype), out=low)  # v D
-    return _rowdot(top.to(real), w).add_(_rowdot(low.to(real), v))
+    top = bmm_nt(u.to(mm_dtype), images.gram_left.to(mm_dtype), out=_new(ws, "qf_top", (n_img, n_rows, n_patch),
+                                                                          mm_dtype, w.device))  # u [A, 2B]
+    low = bmm_nt(v.to(mm_dtype), images.gram_lower.to(mm_dtype), out=_new(ws, "qf_low", (n_img, n_rows, n_patch - half),
+                                                                           mm_dtype, w.device))  # v D
+    # top and low are this function's scratch (or fresh casts): the products are formed in place
+    return top.to(real).mul_(w).sum(-1).add_(low.to(real).mul_(v).sum(-1))
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -705,6 +751,8 @@ def _half_outer(x: Tensor, y: Tensor, mm_dtype: torch.dtype) -> Tensor:
     half = x.shape[-1] // 2
     real = x.dtype
     out = x.new_zeros(x.shape[0], x.shape[-1], x.shape[-1])
+    # transposed factors: torch's kernels take them as they are (oneDNN would need copies, which
+    # cost what its faster kernel saves at these sizes)
     top = torch.bmm(x[..., :half].transpose(1, 2).to(mm_dtype), y.to(mm_dtype)).to(real)  # x1^T [y1, y2]
     top[..., half:].mul_(2.0)
     out[:, :half] = top
@@ -732,9 +780,13 @@ def _pair_backward(
     mm_dtype: torch.dtype,
     c: dict[str, Tensor],
     ws: _Workspace | None = None,
+    tokens_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients wrt tokens, gram (up to an antisymmetric part), weights, cls_norm and words of a
-    block, given ``d loss / d sims`` and the block's intermediates ``c`` from :func:`_pair_forward`."""
+    block, given ``d loss / d sims`` and the block's intermediates ``c`` from :func:`_pair_forward`.
+
+    ``tokens_t`` (C, V * L_v), the block's tokens transposed in ``mm_dtype``, lets the word gradient
+    use :func:`mm_nt` (shared captions only)."""
     tokens, gram, weights, cls_norm = images.tokens, images.gram, images.weights, images.cls_norm
     with torch.autocast(tokens.device.type, enabled=False):
         n_img, n_tok, dim = tokens.shape
@@ -764,8 +816,8 @@ def _pair_backward(
         d_total = torch.where(live, 0.0, d_denom * norm)
         w_t = images.weights_t  # (V, M, N)
         shape = (n_img, n_cap, n_aggr, n_patch)
-        scaled = _softmax_weights(w_t, keep, total, _new(ws, "scaled", shape, real, device))
-        scaled.mul_(d_sq.unsqueeze(-1))  # w * d_sq
+        agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
+        scaled = torch.mul(agg_w, d_sq.unsqueeze(-1), out=_new(ws, "scaled", shape, real, device))  # w * d_sq
         # d sq / d w = 2 w G = 2 proj; through w = E keep / Z: d E = 2 d_sq proj keep / Z = 2 proj scaled / E.
         proj = torch.mul(c["proj"], scaled, out=_new(ws, "proj_scaled", shape, real, device))
         d_w_t = proj.sum(dim=1).mul_(2.0).div_(w_t)  # (V, M, N)
@@ -774,7 +826,6 @@ def _pair_backward(
         d_numer_mm = d_numer.view(n_img, n_aggr, n_cap * n_word).to(mm_dtype)
         dots_kept = c["dots_kept"].reshape(n_img, n_patch, n_cap * n_word)
         d_weights += torch.bmm(dots_kept, d_numer_mm.transpose(1, 2)).to(real)
-        agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
         d_gram = _half_outer(scaled.view(n_img, n_cap * n_aggr, n_patch), agg_w.view(n_img, n_cap * n_aggr, n_patch),
                              mm_dtype)
         del scaled, agg_w
@@ -806,11 +857,14 @@ def _pair_backward(
         tok = tokens.to(mm_dtype)
         if shared:
             flat = d_dots.view(n_img * n_tok, n_cap * n_word)
-            d_tokens = torch.mm(flat, wrd.reshape(n_cap * n_word, dim)).to(real).view(n_img, n_tok, dim)
-            d_words = torch.mm(flat.t(), tok.reshape(n_img * n_tok, dim)).to(real).view_as(words)
+            d_tokens = mm_nt(flat, wrd.reshape(n_cap * n_word, dim).t()).to(real).view(n_img, n_tok, dim)
+            if tokens_t is not None:
+                d_words = mm_nt(flat.t(), tokens_t).to(real).view_as(words)
+            else:
+                d_words = torch.mm(flat.t(), tok.reshape(n_img * n_tok, dim)).to(real).view_as(words)
         else:
             flat = d_dots.view(n_img, n_tok, n_cap * n_word)
-            d_tokens = torch.bmm(flat, wrd.reshape(n_img, n_cap * n_word, dim)).to(real)
+            d_tokens = bmm_nt(flat, wrd.reshape(n_img, n_cap * n_word, dim).transpose(1, 2)).to(real)
             d_words = torch.bmm(flat.transpose(1, 2), tok).to(real).view_as(words)
     return d_tokens, d_gram, d_weights, d_cls_norm, d_words
 
@@ -877,6 +931,11 @@ class _PairScores(torch.autograd.Function):
                 grads = _pair_backward(grad_s[rows.unsqueeze(1), slots], *args, cache, ws=ws)
                 acc.add_rows(rows, slots, width, grads)
         else:
+            # oneDNN wants the word gradient's right-hand factor, the tokens transposed, contiguous: once
+            tokens_t = None
+            if onednn_for(tokens.to(config.mm_dtype)):
+                tokens_t = tokens.detach().to(config.mm_dtype).flatten(0, 1).t().contiguous()
+            n_tok = tokens.shape[1]
             for (v0, v1, t0, t1, width), cache in zip(state["plan"], state["caches"]):
                 block_grad = grad_s[v0:v1, t0:t1]
                 if not bool(nonzero[v0:v1, t0:t1].any()):
@@ -888,7 +947,8 @@ class _PairScores(torch.autograd.Function):
                 if cache is None:
                     with torch.no_grad():
                         cache = _pair_forward(*args, ws=ws)[1]
-                acc.add_block(v0, v1, t0, t1, width, _pair_backward(block_grad, *args, cache, ws=ws))
+                block_t = None if tokens_t is None else tokens_t[:, v0 * n_tok : v1 * n_tok]
+                acc.add_block(v0, v1, t0, t1, width, _pair_backward(block_grad, *args, cache, ws=ws, tokens_t=block_t))
         d_words = torch.empty_like(acc.words).index_copy_(0, order, acc.words)
         return (
             acc.tokens.to(tokens.dtype), acc.gram, acc.weights, acc.cls_norm, d_words.to(words.dtype),
@@ -902,12 +962,12 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, patches: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(patches)
-        return torch.bmm(patches, patches.transpose(1, 2))
+        return bmm_nt(patches, patches)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         (patches,) = ctx.saved_tensors
-        return torch.bmm(grad + grad.transpose(1, 2), patches)
+        return bmm_nt(grad + grad.transpose(1, 2), patches.transpose(1, 2))
 
 
 class _GradAccumulator:

@@ -1,0 +1,144 @@
+"""Matrix products of the head: oneDNN for float32 on CPU, ``torch.mm``/``torch.bmm`` elsewhere.
+
+PyTorch's float32 ``torch.mm`` on CPU calls MKL, which on AMD processors runs its AVX2 kernels (on
+the 2-core AMD EPYC of ``docs/benchmarks.md`` about 100 GMAC/s); oneDNN, which ships inside
+PyTorch and serves its compiler's linear layers, runs AVX-512 there (about 220 GMAC/s). Both are
+exact float32 arithmetic (no reduced-precision math mode); only the order of the sums differs.
+Other dtypes (bf16 under autocast, float64) and devices go to torch, which picks its own kernels.
+
+:func:`set_cpu_backend` switches back to torch's kernels, for instance to time the head with the
+same kernels as a reference implementation (``laps-bench --cpu-gemm torch``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["bmm_nt", "cpu_backend", "linear", "mm_nt", "onednn_for", "set_cpu_backend"]
+
+CPU_BACKENDS = ("onednn", "torch")
+# Below this many multiply-adds a call's fixed cost (primitive lookup, weight reorder) outweighs
+# the faster kernel; per batch item for bmm_nt, which calls oneDNN once per item.
+MIN_MACS = 1 << 21
+
+
+def _onednn_linear():
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_LINEAR = _onednn_linear()
+_state = {"backend": "onednn" if _LINEAR is not None else "torch"}
+
+
+def cpu_backend() -> str:
+    """The kernels of float32 CPU products: ``onednn`` or ``torch``."""
+    return _state["backend"]
+
+
+def set_cpu_backend(name: str) -> None:
+    """Use ``onednn`` (the default where PyTorch has it) or ``torch`` kernels for float32 CPU products."""
+    if name not in CPU_BACKENDS:
+        raise ValueError(f"CPU GEMM backend must be one of {CPU_BACKENDS}, got {name!r}")
+    if name == "onednn" and _LINEAR is None:
+        raise RuntimeError("this PyTorch build has no oneDNN linear kernel (torch.ops.mkldnn._linear_pointwise)")
+    _state["backend"] = name
+
+
+def onednn_for(t: Tensor) -> bool:
+    """Whether large products of tensors like ``t`` (its device and dtype) go to oneDNN: float32 on
+    CPU, outside autocast (which computes them in its own dtype)."""
+    return (
+        _state["backend"] == "onednn"
+        and t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _onednn(a: Tensor, b: Tensor, macs: int) -> bool:
+    return (
+        macs >= MIN_MACS
+        and onednn_for(a)
+        and b.dtype == torch.float32
+        # the kernel has no autograd formula: only where nothing records a graph
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+    )
+
+
+def _linear(a: Tensor, b: Tensor) -> Tensor:
+    # oneDNN takes a strided (also a transposed) left-hand side, but a strided right-hand side (even
+    # a row-padded one) sends it to a reference kernel thousands of times slower than a copy
+    return _LINEAR(a, b.contiguous(), None, "none", [], "")
+
+
+def mm_nt(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a @ b^T`` for ``a`` (m, k) and ``b`` (n, k): (m, n).
+
+    ``out`` (m, n) is a buffer the product may be written to; use the returned tensor (oneDNN
+    returns a new one, which is cheaper than copying it over).
+    """
+    if _onednn(a, b, a.shape[0] * a.shape[1] * b.shape[0]):
+        return _linear(a, b)
+    return torch.mm(a, b.t(), out=out)
+
+
+def bmm_nt(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a @ b^T`` per batch item for ``a`` (B, m, k) and ``b`` (B, n, k): (B, m, n).
+
+    With ``out`` the result is written there; on the oneDNN path items are computed one by one.
+    """
+    batch, m, k = a.shape
+    n = b.shape[1]
+    if not _onednn(a, b, m * n * k):
+        return torch.bmm(a, b.transpose(1, 2), out=out)
+    if out is None:
+        out = a.new_empty(batch, m, n)
+    for i in range(batch):
+        out[i] = _linear(a[i], b[i])
+    return out
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x W^T + b`` with the forward and the input gradient in oneDNN (the weight gradient, whose
+    factors are both transposed, in torch's kernels)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        flat = x.reshape(-1, x.shape[-1])
+        return _LINEAR(flat, weight.contiguous(), bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        d_x = d_w = d_b = None
+        if ctx.needs_input_grad[0]:
+            d_x = mm_nt(g, weight.t()).view_as(x)
+        if ctx.needs_input_grad[1]:
+            d_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_b = g.sum(0)
+        return d_x, d_w, d_b
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``; through oneDNN (forward and input gradient) for large float32 CPU inputs."""
+    if (
+        onednn_for(x)
+        and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.numel() * weight.shape[0] >= MIN_MACS
+    ):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
