@@ -623,7 +623,8 @@ def _pair_forward(
             proj = proj.to(real)
             sq = _rowdot(proj, agg_w)  # (V, T, M)
             del agg_w
-            f_sq = _quadratic_form(fuse, images, mm_dtype, ws)
+            half = n_patch // 2
+            f_sq = _quadratic_form(fuse[..., :half], fuse[..., half:], images, mm_dtype, ws)
         else:
             proj = None
             total, sq, f_sq = norms if norms is not None else _norms(images, keep, fuse, mm_dtype, ws)
@@ -684,20 +685,26 @@ def _norms(
     n_aggr = images.weights.shape[2]
     real, device = images.gram.dtype, keep.device
     total = torch.bmm(keep, images.weights)
-    n_rows = n_cap * (n_aggr + 1)
+    n_rows, n_agg_rows = n_cap * (n_aggr + 1), n_cap * n_aggr
+    half = n_patch // 2
     budget = BLOCK_BYTES.get(device.type, DEFAULT_BLOCK_BYTES)
     step = max(1, budget // (n_rows * n_patch * real.itemsize))
     sq = keep.new_empty(n_img, n_cap, n_aggr)
     f_sq = keep.new_empty(n_img, n_cap)
     for v0 in range(0, n_img, step):
         v1 = min(v0 + step, n_img)
-        rows = _new(ws, "norm_rows", (v1 - v0, n_rows, n_patch), real, device)
-        agg = rows[:, : n_cap * n_aggr].view(v1 - v0, n_cap, n_aggr, n_patch)
-        _softmax_weights(images.weights_t[v0:v1], keep[v0:v1], total[v0:v1], out=agg)
-        rows[:, n_cap * n_aggr :] = fuse[v0:v1]
-        q = _quadratic_form(rows, images.take(slice(v0, v1)), mm_dtype, ws)
-        sq[v0:v1] = q[:, : n_cap * n_aggr].view(v1 - v0, n_cap, n_aggr)
-        f_sq[v0:v1] = q[:, n_cap * n_aggr :]
+        # the rows' two halves in buffers of their own: the products' left factors, contiguous
+        halves = []
+        for name, cols in (("norm_u", slice(0, half)), ("norm_v", slice(half, n_patch))):
+            width = cols.stop - cols.start
+            rows = _new(ws, name, (v1 - v0, n_rows, width), real, device)
+            _softmax_weights(images.weights_t[v0:v1, :, cols], keep[v0:v1, :, cols], total[v0:v1],
+                             out=rows[:, :n_agg_rows].view(v1 - v0, n_cap, n_aggr, width))
+            rows[:, n_agg_rows:] = fuse[v0:v1, :, cols]
+            halves.append(rows)
+        q = _quadratic_form(*halves, images.take(slice(v0, v1)), mm_dtype, ws)
+        sq[v0:v1] = q[:, :n_agg_rows].view(v1 - v0, n_cap, n_aggr)
+        f_sq[v0:v1] = q[:, n_agg_rows:]
     return total, sq, f_sq
 
 
@@ -718,22 +725,25 @@ def _fusion_dots(fuse: Tensor, dots: Tensor, group: int = 16) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _quadratic_form(w: Tensor, images: _Images, mm_dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
-    """Row-wise ``w G w^T`` for ``w`` (V, R, N) and the images' symmetric ``G`` (V, N, N): (V, R).
+def _quadratic_form(u: Tensor, v: Tensor, images: _Images, mm_dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
+    """Row-wise ``w G w^T`` for ``w = [u, v]`` (V, R, N) given as its halves ``u`` (V, R, N/2) and
+    ``v`` (V, R, N - N/2), and the images' symmetric ``G`` (V, N, N): (V, R).
 
-    With ``G = [[A, B], [B^T, D]]`` and ``w = [u, v]``: ``u [A, 2B] . w + v D . v``, which is 3/4 of
-    the multiply-adds of ``(w G) . w``.
+    With ``G = [[A, B], [B^T, D]]``: ``u [A, 2B] . w + v D . v``, which is 3/4 of the multiply-adds
+    of ``(w G) . w``.
     """
-    n_img, n_rows, n_patch = w.shape
-    half = n_patch // 2
-    real = w.dtype
-    u, v = w[..., :half], w[..., half:]
+    n_img, n_rows, half = u.shape
+    n_patch = half + v.shape[-1]
+    real = u.dtype
     top = bmm_nt(u.to(mm_dtype), images.gram_left.to(mm_dtype), out=_new(ws, "qf_top", (n_img, n_rows, n_patch),
-                                                                          mm_dtype, w.device))  # u [A, 2B]
+                                                                          mm_dtype, u.device))  # u [A, 2B]
     low = bmm_nt(v.to(mm_dtype), images.gram_lower.to(mm_dtype), out=_new(ws, "qf_low", (n_img, n_rows, n_patch - half),
-                                                                           mm_dtype, w.device))  # v D
+                                                                           mm_dtype, u.device))  # v D
     # top and low are this function's scratch (or fresh casts): the products are formed in place
-    return top.to(real).mul_(w).sum(-1).add_(low.to(real).mul_(v).sum(-1))
+    top = top.to(real)
+    top[..., :half].mul_(u)
+    top[..., half:].mul_(v)
+    return top.sum(-1).add_(low.to(real).mul_(v).sum(-1))
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
