@@ -196,7 +196,8 @@ class LastCheckpoint(Checkpoint):
         return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
 
     def save(self, trainer: Any) -> None:
-        trainer.save_checkpoint(str(self.path))  # the full state (optimizer, loops, RNG): everything to resume
+        # the full state (optimizer, loops, RNG): everything to resume
+        trainer.save_checkpoint(str(self.path), weights_only=False)
         self._last_step_saved = trainer.global_step
         log.debug("saved %s at step %d", self.path, trainer.global_step)
 
