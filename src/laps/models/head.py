@@ -25,7 +25,8 @@ backward within ``max_saved_mb`` and recomputed beyond it, so memory stays bound
 pairs carry a gradient (the hardest-negative loss gives about three per image), backward
 recomputes only those, image by image, and the next forward keeps nothing. Selection, softmax
 weights and normalisation run in fp32 (float64 for float64 inputs); under autocast the large
-GEMMs run in the autocast dtype.
+GEMMs run in the autocast dtype. On CPU the large float32 GEMMs go to oneDNN rather than MKL
+(:mod:`laps.models.gemm`).
 """
 
 from __future__ import annotations
