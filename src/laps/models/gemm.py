@@ -1,13 +1,15 @@
-"""Matrix products of the head: oneDNN for float32 on CPU, ``torch.mm``/``torch.bmm`` elsewhere.
+"""Matrix products of the head: oneDNN for float32 on AVX-512 CPUs, ``torch.mm``/``torch.bmm`` elsewhere.
 
 PyTorch's float32 ``torch.mm`` on CPU calls MKL, which on AMD processors runs its AVX2 kernels (on
 the 2-core AMD EPYC of ``docs/benchmarks.md`` about 100 GMAC/s); oneDNN, which ships inside
 PyTorch and serves its compiler's linear layers, runs AVX-512 there (about 220 GMAC/s). Both are
 exact float32 arithmetic (no reduced-precision math mode); only the order of the sums differs.
-Other dtypes (bf16 under autocast, float64) and devices go to torch, which picks its own kernels.
+oneDNN is the default where PyTorch reports AVX-512 (the only kind of CPU it was measured on)
+and ``torch.backends.mkldnn`` is enabled; other dtypes (bf16 under autocast, float64), small
+products, inputs that record a graph and other devices go to torch, which picks its own kernels.
 
-:func:`set_cpu_backend` switches back to torch's kernels, for instance to time the head with the
-same kernels as a reference implementation (``laps-bench --cpu-gemm torch``).
+:func:`set_cpu_backend` switches between the two, for instance to time the head with the same
+kernels as a reference implementation (``laps-bench --cpu-gemm torch``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = ["bmm_nt", "cpu_backend", "linear", "mm_nt", "onednn_for", "set_cpu_backend"]
 
@@ -34,8 +35,18 @@ def _onednn_linear():
         return None
 
 
+def _default_backend() -> str:
+    if _LINEAR is None:
+        return "torch"
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return "torch"
+    return "onednn" if capability.startswith("AVX512") else "torch"
+
+
 _LINEAR = _onednn_linear()
-_state = {"backend": "onednn" if _LINEAR is not None else "torch"}
+_state = {"backend": _default_backend()}
 
 
 def cpu_backend() -> str:
@@ -52,13 +63,14 @@ def set_cpu_backend(name: str) -> None:
     _state["backend"] = name
 
 
-def onednn_for(t: Tensor) -> bool:
-    """Whether large products of tensors like ``t`` (its device and dtype) go to oneDNN: float32 on
-    CPU, outside autocast (which computes them in its own dtype)."""
+def onednn_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether large products of tensors of this device and dtype go to oneDNN: float32 on CPU,
+    outside autocast (which computes them in its own dtype), with ``torch.backends.mkldnn`` on."""
     return (
         _state["backend"] == "onednn"
-        and t.device.type == "cpu"
-        and t.dtype == torch.float32
+        and device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
     )
 
@@ -66,7 +78,7 @@ def onednn_for(t: Tensor) -> bool:
 def _onednn(a: Tensor, b: Tensor, macs: int) -> bool:
     return (
         macs >= MIN_MACS
-        and onednn_for(a)
+        and onednn_for(a.device, a.dtype)
         and b.dtype == torch.float32
         # the kernel has no autograd formula: only where nothing records a graph
         and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
@@ -118,8 +130,8 @@ class _OneDNNLinear(torch.autograd.Function):
         return _LINEAR(flat, weight.contiguous(), bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
+        # Under create_graph the factors record a graph, so mm_nt takes torch's differentiable kernels.
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         d_x = d_w = d_b = None
@@ -135,7 +147,7 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``; through oneDNN (forward and input gradient) for large float32 CPU inputs."""
     if (
-        onednn_for(x)
+        onednn_for(x.device, x.dtype)
         and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.numel() * weight.shape[0] >= MIN_MACS

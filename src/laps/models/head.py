@@ -91,8 +91,15 @@ class TokenAggregation(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """``(..., N, C)`` -> logits ``(..., N, M)``."""
         norm, fc1, act, fc2 = self.mlp
+        if not (_plain_linear(fc1) and _plain_linear(fc2)):  # replaced or hooked layers run as modules
+            return self.mlp(tokens) * self.scale
         hidden = act(linear(norm(tokens), fc1.weight, fc1.bias))
         return linear(hidden, fc2.weight, fc2.bias) * self.scale
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (not a subclass or a wrapper) without hooks: :func:`linear` computes its forward."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 class PatchSelection(NamedTuple):
@@ -604,15 +611,17 @@ def _pair_forward(
         tok = tokens.to(mm_dtype)
         wrd = words.to(mm_dtype)
         # <word_j, token_k>: one GEMM (V * L_v, C) @ (C, T * L) for shared captions, else one per image.
-        buf = _new(ws, "dots", (n_img, n_tok, n_cap * n_word), mm_dtype, device)
+        # the workspace's buffer where there is one (torch's kernels write there, oneDNN returns its own)
+        buf = None if ws is None else ws.get("dots", (n_img, n_tok, n_cap * n_word), mm_dtype, device)
         if shared:
-            dots = mm_nt(tok.reshape(n_img * n_tok, dim), wrd.reshape(n_cap * n_word, dim), out=buf.flatten(0, 1))
+            flat = None if buf is None else buf.flatten(0, 1)
+            dots = mm_nt(tok.reshape(n_img * n_tok, dim), wrd.reshape(n_cap * n_word, dim), out=flat)
         else:
             dots = bmm_nt(tok, wrd.reshape(n_img, n_cap * n_word, dim), out=buf)
         dots = dots.view(n_img, n_tok, n_cap, n_word)
         dots_kept = dots[:, n_cls:]
-        # fusion token f = fuse @ P: <word_j, f> = sum_k fuse_k <word_j, P_k> (dropped k), ||f||^2 = fuse G fuse^T.
         w_t = images.weights_t  # (V, M, N)
+        # softmax over the kept patches, w = E * keep / Z, and ||A||^2 = w G w^T.
         if for_backward:  # backward needs w G itself
             total = torch.bmm(keep, weights)  # (V, T, M)
             shape = (n_img, n_cap, n_aggr, n_patch)
@@ -679,8 +688,9 @@ def _norms(
 
     The aggregated tokens' weights ``w = E * keep / Z`` (normalised before the quadratic form: ``E``
     may be as small as ``exp(-LOGIT_FLOOR)``, its square underflows) and the fusion weights of all
-    T captions are the rows of one quadratic form per image, a few images at a time (a block's
-    memory), so that each image's products are as large as the captions allow.
+    T captions are the rows of one quadratic form per image, so that each image's products are as
+    large as the captions allow. Images go a few at a time: their rows take about a block's memory
+    (:data:`BLOCK_BYTES`), the products 1.5 times that again.
     """
     n_img, n_cap, n_patch = keep.shape
     n_aggr = images.weights.shape[2]
@@ -942,11 +952,10 @@ class _PairScores(torch.autograd.Function):
                 grads = _pair_backward(grad_s[rows.unsqueeze(1), slots], *args, cache, ws=ws)
                 acc.add_rows(rows, slots, width, grads)
         else:
-            # oneDNN wants the word gradient's right-hand factor, the tokens transposed, contiguous: once
-            tokens_t = None
-            if onednn_for(tokens.to(config.mm_dtype)):
-                tokens_t = tokens.detach().to(config.mm_dtype).flatten(0, 1).t().contiguous()
-            n_tok = tokens.shape[1]
+            # oneDNN wants the word gradient's right-hand factor, the tokens transposed, contiguous:
+            # once per range of images
+            transposed: dict[tuple[int, int], Tensor | None] = {}
+            use_t = onednn_for(tokens.device, config.mm_dtype)
             for (v0, v1, t0, t1, width), cache in zip(state["plan"], state["caches"]):
                 block_grad = grad_s[v0:v1, t0:t1]
                 if not bool(nonzero[v0:v1, t0:t1].any()):
@@ -958,7 +967,11 @@ class _PairScores(torch.autograd.Function):
                 if cache is None:
                     with torch.no_grad():
                         cache = _pair_forward(*args, ws=ws)[1]
-                block_t = None if tokens_t is None else tokens_t[:, v0 * n_tok : v1 * n_tok]
+                if (v0, v1) not in transposed:
+                    transposed[v0, v1] = (
+                        tokens[v0:v1].detach().to(config.mm_dtype).flatten(0, 1).t().contiguous() if use_t else None
+                    )
+                block_t = transposed[v0, v1]
                 acc.add_block(v0, v1, t0, t1, width, _pair_backward(block_grad, *args, cache, ws=ws, tokens_t=block_t))
         d_words = torch.empty_like(acc.words).index_copy_(0, order, acc.words)
         return (
