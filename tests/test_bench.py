@@ -52,6 +52,16 @@ def test_without_reference_and_uniform_lengths(tmp_path: Path) -> None:
     assert "memory" not in result["results"]
 
 
+def test_cpu_gemm_choice_is_recorded_and_restored(capsys: pytest.CaptureFixture) -> None:
+    from laps.models import gemm
+
+    before = gemm.cpu_backend()
+    result = run([*TINY, "--no-reference", "--no-memory", "--cpu-gemm", "torch"])
+    assert result["cpu_gemm"] == "torch"
+    assert "head's CPU GEMMs: torch" in " ".join(capsys.readouterr().out.split())
+    assert gemm.cpu_backend() == before
+
+
 def test_full_training_step_tiny_backbones(tmp_path: Path) -> None:
     out = tmp_path / "step.json"
     result = run([

@@ -447,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up; the best is kept")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--cpu-gemm", choices=["onednn", "torch"], default=None,
-                   help="kernels of the head's float32 CPU products (laps.models.gemm; default onednn where "
-                   "PyTorch has it). The reference always uses torch's, like the official code; 'torch' "
+                   help="kernels of the head's float32 CPU products (laps.models.gemm; default onednn on "
+                   "AVX-512 CPUs). The reference always uses torch's, like the official code; 'torch' "
                    "times the head with the same kernels")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference loop")
     p.add_argument("--no-head-train", dest="head_train", action="store_false", help="skip the head training step")
@@ -497,8 +497,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    previous = cpu_backend()
     if args.cpu_gemm:
         set_cpu_backend(args.cpu_gemm)
+    try:
+        return _measure(args, argv)
+    finally:
+        set_cpu_backend(previous)
+
+
+def _measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     device = resolve_device(args.device)
     args = resolve_args(args, device)
     if args.memory_worker:

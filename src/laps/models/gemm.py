@@ -55,7 +55,7 @@ def cpu_backend() -> str:
 
 
 def set_cpu_backend(name: str) -> None:
-    """Use ``onednn`` (the default where PyTorch has it) or ``torch`` kernels for float32 CPU products."""
+    """Use ``onednn`` (the default on AVX-512 CPUs) or ``torch`` kernels for float32 CPU products."""
     if name not in CPU_BACKENDS:
         raise ValueError(f"CPU GEMM backend must be one of {CPU_BACKENDS}, got {name!r}")
     if name == "onednn" and _LINEAR is None:
