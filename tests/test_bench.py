@@ -56,10 +56,16 @@ def test_cpu_gemm_choice_is_recorded_and_restored(capsys: pytest.CaptureFixture)
     from laps.models import gemm
 
     before = gemm.cpu_backend()
-    result = run([*TINY, "--no-reference", "--no-memory", "--cpu-gemm", "torch"])
-    assert result["cpu_gemm"] == "torch"
-    assert "head's CPU GEMMs: torch" in " ".join(capsys.readouterr().out.split())
-    assert gemm.cpu_backend() == before
+    # start from the other kernels where there are two, so that restoring them is not a no-op
+    start = "onednn" if gemm._LINEAR is not None else "torch"
+    gemm.set_cpu_backend(start)
+    try:
+        result = run([*TINY, "--no-reference", "--no-memory", "--cpu-gemm", "torch"])
+        assert result["cpu_gemm"] == "torch"
+        assert "head's CPU GEMMs: torch" in " ".join(capsys.readouterr().out.split())
+        assert gemm.cpu_backend() == start
+    finally:
+        gemm.set_cpu_backend(before)
 
 
 def test_full_training_step_tiny_backbones(tmp_path: Path) -> None:

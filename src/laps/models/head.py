@@ -916,6 +916,8 @@ class _PairScores(torch.autograd.Function):
         images = _Images.build(tokens, gram, weights, cls_norm)
         sims, mask, state = _score_blocks(images, words, lens, patch_norm, salience, query, config, save=True)
         ctx.save_for_backward(tokens, gram, weights, cls_norm, words)
+        # what _Images.build derives from the inputs (no gradient), for backward: built once a step
+        ctx.derived = (images.weights_t, images.gram_left, images.gram_lower)
         ctx.state, ctx.config = state, config
         if mask is not None:
             ctx.mark_non_differentiable(mask)
@@ -928,7 +930,7 @@ class _PairScores(torch.autograd.Function):
         order, lens_s, words_s = state["order"], state["lens_s"], state["words_s"]
         keep_s, fuse_s = state["keep_s"], state["fuse_s"]
         grad_s = grad.to(gram.dtype).index_select(1, order)
-        images = _Images.build(tokens, gram, weights, cls_norm)
+        images = _Images(tokens, gram, weights, cls_norm, *ctx.derived)
         acc = _GradAccumulator(tokens, gram, weights, cls_norm, words_s)
         ws = _Workspace()
         nonzero = grad_s != 0
@@ -954,7 +956,7 @@ class _PairScores(torch.autograd.Function):
         else:
             # oneDNN wants the word gradient's right-hand factor, the tokens transposed, contiguous:
             # once per range of images
-            transposed: dict[tuple[int, int], Tensor | None] = {}
+            transposed: dict[tuple[int, int], Tensor] = {}
             use_t = onednn_for(tokens.device, config.mm_dtype)
             for (v0, v1, t0, t1, width), cache in zip(state["plan"], state["caches"]):
                 block_grad = grad_s[v0:v1, t0:t1]
@@ -967,12 +969,10 @@ class _PairScores(torch.autograd.Function):
                 if cache is None:
                     with torch.no_grad():
                         cache = _pair_forward(*args, ws=ws)[1]
-                if (v0, v1) not in transposed:
-                    transposed[v0, v1] = (
-                        tokens[v0:v1].detach().to(config.mm_dtype).flatten(0, 1).t().contiguous() if use_t else None
-                    )
-                block_t = transposed[v0, v1]
-                acc.add_block(v0, v1, t0, t1, width, _pair_backward(block_grad, *args, cache, ws=ws, tokens_t=block_t))
+                if use_t and (v0, v1) not in transposed:
+                    transposed[v0, v1] = tokens[v0:v1].detach().to(config.mm_dtype).flatten(0, 1).t().contiguous()
+                acc.add_block(v0, v1, t0, t1, width,
+                              _pair_backward(block_grad, *args, cache, ws=ws, tokens_t=transposed.get((v0, v1))))
         d_words = torch.empty_like(acc.words).index_copy_(0, order, acc.words)
         return (
             acc.tokens.to(tokens.dtype), acc.gram, acc.weights, acc.cls_norm, d_words.to(words.dtype),

@@ -196,7 +196,8 @@ class LastCheckpoint(Checkpoint):
         return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
 
     def save(self, trainer: Any) -> None:
-        # the full state (optimizer, loops, RNG): everything to resume
+        # Lightning's save flag, not torch.load's: write the full state (optimizer, loops, RNG), everything
+        # to resume. Every read of it goes through safe_load (weights_only=True, see above).
         trainer.save_checkpoint(str(self.path), weights_only=False)
         self._last_step_saved = trainer.global_step
         log.debug("saved %s at step %d", self.path, trainer.global_step)
