@@ -277,12 +277,13 @@ class LAPSHead(nn.Module):
             return_mask=return_mask,
         )
         selection = (image["patch_norm"], image["salience"], caption["query"])
-        diff = (tokens, image["gram"], image["weights"], image["cls_norm"], words)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in diff):
-            sims, mask = _PairScores.apply(*diff, caption["lens"], *selection, config)
+        per_image = (image["gram"], image["cls_norm"])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (tokens, image["weights"], words)):
+            sims, mask = _PairScores.apply(tokens, image["weights"], words, *per_image, caption["lens"], *selection,
+                                           config)
         else:
-            sims, mask, _ = _score_blocks(_Images.build(*diff[:4]), words, caption["lens"], *selection, config,
-                                          save=False)
+            images = _Images.build(tokens, image["gram"], image["weights"], image["cls_norm"])
+            sims, mask, _ = _score_blocks(images, words, caption["lens"], *selection, config, save=False)
         return sims, (mask if return_mask else None)
 
     def _gumbel(
@@ -315,8 +316,9 @@ class LAPSHead(nn.Module):
                 patch_norm = p32.norm(dim=-1).clamp_min(NORM_EPS)
                 glob = F.normalize(p32.mean(dim=1), dim=-1)
                 salience = torch.bmm(p32, glob.unsqueeze(-1)).squeeze(-1).div_(patch_norm)
-            gram = _Gram.apply(p32)
-            cls_norm = img_embs[:, :n_cls].to(real).norm(dim=-1).clamp_min(NORM_EPS)
+                # without a graph: the scoring's backward adds their gradients to the tokens' (_PairScores)
+                gram = bmm_nt(p32, p32)
+                cls_norm = img_embs[:, :n_cls].to(real).norm(dim=-1).clamp_min(NORM_EPS)
         # On all tokens (a contiguous input; the [CLS] row is dropped after): the MLP acts token-wise.
         logits = self.aggregation(img_embs)[:, n_cls:]
         with torch.autocast(device_type, enabled=False):
@@ -351,8 +353,13 @@ class LAPSHead(nn.Module):
 # element-wise arithmetic on it. Elsewhere larger blocks mean fewer kernel launches.
 BLOCK_BYTES = {"cpu": 16 * 2**20}
 DEFAULT_BLOCK_BYTES = 256 * 2**20
+CPU_BLOCK_CAPTIONS = 8
 # Captions whose patch selection is computed in one go, against all images of the call.
 SELECT_CAPTIONS = 64
+# Bytes of the word-token gradients of several blocks that backward gathers side by side, so that
+# the tokens' and the words' gradients are one wide GEMM each (rather than narrow ones per block).
+GATHER_BYTES = {"cpu": 64 * 2**20}
+DEFAULT_GATHER_BYTES = 1024 * 2**20
 
 
 class _ScoreConfig(NamedTuple):
@@ -399,7 +406,7 @@ def _plan_blocks(n_img: int, n_cap: int, block_pairs: int, device_type: str) -> 
     captions as the budget allows with all images (fewer, larger kernels), at least 8. Images fill
     the rest of the budget. Splits are balanced.
     """
-    n_t = 8 if device_type == "cpu" else max(8, block_pairs // max(n_img, 1))
+    n_t = CPU_BLOCK_CAPTIONS if device_type == "cpu" else max(8, block_pairs // max(n_img, 1))
     n_t = max(1, min(n_cap, n_t, block_pairs))
     n_v = max(1, min(n_img, block_pairs // n_t))
     n_t = -(-n_cap // -(-n_cap // n_t))  # balance: same number of blocks, as even as possible
@@ -467,37 +474,34 @@ def _new(ws: _Workspace | None, name: str, shape: tuple[int, ...], dtype: torch.
     return ws.get(name, shape, dtype, device)
 
 
-def _cache_bytes(n_img: int, n_tok: int, n_cap: int, n_word: int, n_aggr: int, n_patch: int, mm_dtype: torch.dtype,
+def _cache_bytes(n_img: int, n_tok: int, n_cap: int, n_word: int, n_aggr: int, mm_dtype: torch.dtype,
                  real: torch.dtype) -> int:
-    """Bytes a block keeps for backward: the word-token dots and ``w G`` dominate."""
+    """Bytes a block keeps for backward: the word-token dots dominate."""
     rows = n_aggr + 2
-    per_pair = n_tok * n_word * mm_dtype.itemsize + (n_aggr * n_patch + 3 * rows * n_word) * real.itemsize
+    per_pair = n_tok * n_word * mm_dtype.itemsize + 3 * rows * n_word * real.itemsize
     return n_img * n_cap * per_pair
+
+
+def _proj_bytes(n_img: int, n_cap: int, n_aggr: int, n_patch: int, real: torch.dtype) -> int:
+    """Bytes of the products ``w G`` that :func:`_norms` keeps for backward."""
+    return n_img * n_cap * (n_aggr + 1) * n_patch * real.itemsize
 
 
 class _Images(NamedTuple):
     """Per-image inputs of the pair scoring: tokens (V, L_v, C), gram (V, N, N), weights (V, N, M)
-    and cls_norm (V, R_c), and what is derived from them once per call: weights_t (V, M, N), and
-    with ``G = [[A, B], [B^T, D]]`` (blocks of N/2), ``gram_left = [A; 2 B^T]`` (V, N, N/2), the
-    transpose of ``[A, 2B]``, and ``gram_lower = D``, both contiguous."""
+    and cls_norm (V, R_c), and ``weights_t`` (V, M, N), the weights transposed, contiguous."""
 
     tokens: Tensor
     gram: Tensor
     weights: Tensor
     cls_norm: Tensor
     weights_t: Tensor
-    gram_left: Tensor
-    gram_lower: Tensor
 
     @classmethod
     def build(cls, tokens: Tensor, gram: Tensor, weights: Tensor, cls_norm: Tensor) -> _Images:
         with torch.no_grad():
-            half = gram.shape[-1] // 2
-            left = gram[:, :, :half].clone()
-            left[:, half:].mul_(2.0)
             weights_t = weights.transpose(1, 2).contiguous()
-            lower = gram[:, half:, half:].contiguous()
-        return cls(tokens, gram, weights, cls_norm, weights_t, left, lower)
+        return cls(tokens, gram, weights, cls_norm, weights_t)
 
     def take(self, index: slice | Tensor) -> _Images:
         """The images at ``index`` (a slice, or a tensor of image indices)."""
@@ -517,9 +521,11 @@ def _score_blocks(
     """All pairs, block by block: ``sims`` (V, T), keep mask (V, T, N) or None, and saved state.
 
     Captions are visited sorted by length so that each block is padded only to its own longest
-    caption. With ``save`` the state for :meth:`_PairScores.backward` is returned: the plan,
-    the sorted order, keep/fusion weights of every pair and, within ``max_saved_bytes``, each
-    block's intermediates.
+    caption. The patch selection and the norms of the aggregated and fusion tokens (which do not
+    depend on the words) are computed for all images and a run of captions at once. With ``save``
+    the state for :meth:`_PairScores.backward` is returned: the plan, the sorted order, keep and
+    fusion weights and norms of every pair and, within ``max_saved_bytes``, the products ``w G``
+    of the runs' norms and each block's intermediates.
     """
     tokens = images.tokens
     n_img, n_cap = tokens.shape[0], words.shape[0]
@@ -535,37 +541,43 @@ def _score_blocks(
     need_sel = save or config.return_mask
     keep_all = tokens.new_empty(n_img, n_cap, n_patch, dtype=real) if need_sel else None
     fuse_all = tokens.new_empty(n_img, n_cap, n_patch, dtype=real) if save else None
-    plan, caches, saved = [], [], 0
+    # softmax totals Z and squared norms of the aggregated and fusion tokens, (V, T, M + 1) each
+    total = tokens.new_empty(n_img, n_cap, n_aggr, dtype=real)
+    sq = tokens.new_empty(n_img, n_cap, n_aggr + 1, dtype=real)
+    plan, caches, runs, saved = [], [], [], 0
     ws = _Workspace()
     blocks = _plan_blocks(n_img, n_cap, config.block_pairs, tokens.device.type)
-    # Selection for all images and a run of captions at once (a wide GEMM instead of thin ones).
+    # Selection for all images and a run of captions at once (a wide GEMM instead of thin ones), and
+    # so are the norms (larger products per image).
     span = blocks[0][3] - blocks[0][2]
     span *= max(1, SELECT_CAPTIONS // span)
-    # ... and so are the norms of blocks that keep nothing for backward (larger products per image).
-    sel_range, sel, norms = (0, 0), None, None
+    run, sel = (0, 0), None
     for v0, v1, t0, t1 in blocks:
-        if not sel_range[0] <= t0 < t1 <= sel_range[1]:
-            sel_range = (t0, min(n_cap, t0 + span))
-            sel = _select(select_tokens, patch_norm, salience, query_s[sel_range[0] : sel_range[1]], config.num_keep)
-            norms = None
+        if not run[0] <= t0 < t1 <= run[1]:
+            run = (t0, min(n_cap, t0 + span))
+            s0, s1 = run
+            sel = _select(select_tokens, patch_norm, salience, query_s[s0:s1], config.num_keep)
             if keep_all is not None:
-                keep_all[:, sel_range[0] : sel_range[1]] = sel.keep
+                keep_all[:, s0:s1] = sel.keep
             if fuse_all is not None:
-                fuse_all[:, sel_range[0] : sel_range[1]] = sel.fuse
-        a, b = t0 - sel_range[0], t1 - sel_range[0]
+                fuse_all[:, s0:s1] = sel.fuse
+            total[:, s0:s1] = torch.bmm(sel.keep, images.weights)
+            size = _proj_bytes(n_img, s1 - s0, n_aggr, n_patch, real)
+            proj = None
+            if save and saved + size <= config.max_saved_bytes:
+                saved += size
+                proj = torch.empty(n_img, (s1 - s0) * (n_aggr + 1), n_patch, dtype=real, device=tokens.device)
+            sq[:, s0:s1] = _norms(images, sel.keep, sel.fuse, total[:, s0:s1], config.mm_dtype, ws, proj)
+            runs.append((s0, s1, proj))
+        a, b = t0 - run[0], t1 - run[0]
         width = max(widths[t0:t1])
-        size = _cache_bytes(v1 - v0, n_tok, t1 - t0, width, n_aggr, n_patch, config.mm_dtype, real)
+        size = _cache_bytes(v1 - v0, n_tok, t1 - t0, width, n_aggr, config.mm_dtype, real)
         keep_cache = save and saved + size <= config.max_saved_bytes
         saved += size if keep_cache else 0
-        block_norms = None
-        if not keep_cache:
-            if norms is None:
-                norms = _norms(images, sel.keep, sel.fuse, config.mm_dtype, ws)
-            block_norms = tuple(x[v0:v1, a:b] for x in norms)
         out, cache = _pair_forward(
             images.take(slice(v0, v1)), words_s[t0:t1, :width], sel.keep[v0:v1, a:b], sel.fuse[v0:v1, a:b],
-            lens_s[t0:t1], config.n_cls, config.mm_dtype, ws=None if keep_cache else ws, for_backward=keep_cache,
-            norms=block_norms,
+            lens_s[t0:t1], config.n_cls, config.mm_dtype, (total[v0:v1, t0:t1], sq[v0:v1, t0:t1]),
+            ws=None if keep_cache else ws, for_backward=keep_cache,
         )
         sims[v0:v1, t0:t1] = out
         plan.append((v0, v1, t0, t1, width))
@@ -575,8 +587,8 @@ def _score_blocks(
     mask = keep_all.index_select(1, inverse) if config.return_mask else None
     state = None
     if save:
-        state = {"plan": plan, "caches": caches, "order": order, "lens_s": lens_s, "words_s": words_s,
-                 "keep_s": keep_all, "fuse_s": fuse_all}
+        state = {"plan": plan, "caches": caches, "runs": runs, "order": order, "lens_s": lens_s, "words_s": words_s,
+                 "keep_s": keep_all, "fuse_s": fuse_all, "total_s": total, "sq_s": sq}
     return sims, mask, state
 
 
@@ -588,26 +600,26 @@ def _pair_forward(
     lens: Tensor,
     n_cls: int,
     mm_dtype: torch.dtype,
+    norms: tuple[Tensor, Tensor],
     ws: _Workspace | None = None,
     for_backward: bool = True,
-    norms: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Similarities ``(V, T)`` of a block and, with ``for_backward``, the intermediates its backward needs.
 
-    Shapes: ``images`` of V images (:class:`_Images`); keep, fuse (V, T, N). Captions are either
-    shared by all images of the block, words (T, L, C) normalised and lens (T,), or given per
-    image, words (V, T, L, C) and lens (V, T). The large intermediates are taken from ``ws`` when
-    given (they are then only valid until the next block). Without ``for_backward`` the norms come
-    from :func:`_norms` (or ``norms``, its output for these pairs) and the maxima are taken without
-    their positions.
+    Shapes: ``images`` of V images (:class:`_Images`); keep, fuse (V, T, N); ``norms`` the softmax
+    totals (V, T, M) and the squared norms of the aggregated and fusion tokens (V, T, M + 1) (see
+    :func:`_norms`). Captions are either shared by all images of the block, words (T, L, C)
+    normalised and lens (T,), or given per image, words (V, T, L, C) and lens (V, T). The large
+    intermediates are taken from ``ws`` when given (they are then only valid until the next
+    block). Without ``for_backward`` the maxima are taken without their positions.
     """
-    tokens, gram, weights, cls_norm = images.tokens, images.gram, images.weights, images.cls_norm
+    tokens, weights, cls_norm = images.tokens, images.weights, images.cls_norm
     with torch.autocast(tokens.device.type, enabled=False):
         n_img, n_tok, dim = tokens.shape
         shared = words.dim() == 3
         n_cap, n_word = words.shape[-3], words.shape[-2]
         n_patch, n_aggr = weights.shape[1], weights.shape[2]
-        real, device = gram.dtype, tokens.device
+        real, device = images.gram.dtype, tokens.device
         tok = tokens.to(mm_dtype)
         wrd = words.to(mm_dtype)
         # <word_j, token_k>: one GEMM (V * L_v, C) @ (C, T * L) for shared captions, else one per image.
@@ -620,32 +632,16 @@ def _pair_forward(
             dots = bmm_nt(tok, wrd.reshape(n_img, n_cap * n_word, dim), out=buf)
         dots = dots.view(n_img, n_tok, n_cap, n_word)
         dots_kept = dots[:, n_cls:]
-        w_t = images.weights_t  # (V, M, N)
-        # softmax over the kept patches, w = E * keep / Z, and ||A||^2 = w G w^T.
-        if for_backward:  # backward needs w G itself
-            total = torch.bmm(keep, weights)  # (V, T, M)
-            shape = (n_img, n_cap, n_aggr, n_patch)
-            agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
-            proj = _new(ws, "proj", shape, mm_dtype, device)
-            # G is symmetric: w G = w G^T
-            proj = bmm_nt(agg_w.view(n_img, n_cap * n_aggr, n_patch).to(mm_dtype), gram.to(mm_dtype),
-                          out=proj.view(n_img, n_cap * n_aggr, n_patch)).view(shape)
-            proj = proj.to(real)
-            sq = _rowdot(proj, agg_w)  # (V, T, M)
-            del agg_w
-            half = n_patch // 2
-            f_sq = _quadratic_form(fuse[..., :half], fuse[..., half:], images, mm_dtype, ws)
-        else:
-            proj = None
-            total, sq, f_sq = norms if norms is not None else _norms(images, keep, fuse, mm_dtype, ws)
+        total, sq_all = norms
+        sq, f_sq = sq_all[..., :n_aggr], sq_all[..., n_aggr]
         # fusion token f = fuse @ P: <word_j, f> = sum_k fuse_k <word_j, P_k> (dropped k), ||f||^2 = fuse G fuse^T.
         f_num = _fusion_dots(fuse.to(mm_dtype), dots_kept).to(real)  # (V, T, L)
         f_len = f_sq.clamp_min(0.0).sqrt()  # (V, T)
         f_norm = f_len.clamp_min(NORM_EPS)
         s_fuse = f_num.div_(f_norm.unsqueeze(-1))
         dots_kept.mul_(keep.transpose(1, 2).unsqueeze(-1).to(mm_dtype))  # (V, N, T, L), zero at dropped patches
-        # <word_j, sum_k E_km keep_k P_k>: a GEMM per image.
-        numer = torch.bmm(w_t.to(mm_dtype), dots_kept.reshape(n_img, n_patch, n_cap * n_word))
+        # softmax over the kept patches, w = E * keep / Z: <word_j, sum_k E_km keep_k P_k>, a GEMM per image.
+        numer = torch.bmm(images.weights_t.to(mm_dtype), dots_kept.reshape(n_img, n_patch, n_cap * n_word))
         numer = numer.to(real).view(n_img, n_aggr, n_cap, n_word)
         norm = sq.clamp_min(0.0).sqrt().clamp_min(NORM_EPS)
         denom = total * norm
@@ -671,9 +667,9 @@ def _pair_forward(
     if not for_backward:
         return sims, None
     cache = {
-        "dots_kept": dots_kept, "proj": proj, "sq": sq, "norm": norm, "total": total, "denom": denom,
-        "s_agg": s_agg, "f_len": f_len, "f_norm": f_norm, "s_fuse": s_fuse, "sim": sim, "valid": valid,
-        "t2i_idx": t2i_idx, "i2t_idx": i2t_idx,
+        "dots_kept": dots_kept, "sq": sq, "norm": norm, "total": total, "denom": denom, "s_agg": s_agg,
+        "f_len": f_len, "f_norm": f_norm, "s_fuse": s_fuse, "sim": sim, "valid": valid, "t2i_idx": t2i_idx,
+        "i2t_idx": i2t_idx,
     }
     if s_cls is not None:
         cache["s_cls"] = s_cls
@@ -681,42 +677,79 @@ def _pair_forward(
 
 
 def _norms(
-    images: _Images, keep: Tensor, fuse: Tensor, mm_dtype: torch.dtype, ws: _Workspace | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Softmax totals ``Z = keep E`` (V, T, M) and the squared norms of the aggregated tokens (V, T, M)
-    and of the fusion token (V, T), for keep and fusion weights (V, T, N).
+    images: _Images, keep: Tensor, fuse: Tensor, total: Tensor, mm_dtype: torch.dtype, ws: _Workspace | None,
+    proj: Tensor | None = None,
+) -> Tensor:
+    """Squared norms of the aggregated tokens and the fusion token, ``(V, T, M + 1)`` (the fusion
+    token's last), for keep and fusion weights (V, T, N) and softmax totals ``Z = keep E`` (V, T, M).
 
-    The aggregated tokens' weights ``w = E * keep / Z`` (normalised before the quadratic form: ``E``
-    may be as small as ``exp(-LOGIT_FLOOR)``, its square underflows) and the fusion weights of all
-    T captions are the rows of one quadratic form per image, so that each image's products are as
-    large as the captions allow. Images go a few at a time: their rows take about a block's memory
-    (:data:`BLOCK_BYTES`), the products 1.5 times that again.
+    ``||A||^2 = w G w^T`` with the aggregated tokens' weights ``w = E * keep / Z`` (normalised
+    before the product: ``E`` may be as small as ``exp(-LOGIT_FLOOR)``, its square underflows), and
+    likewise for the fusion weights: per image, the rows of all T captions (:func:`_rows`) times
+    ``G``, one product as large as the captions allow. With ``proj`` (V, T * (M + 1), N) the
+    products ``w G`` are kept there for backward. Images go one at a time on CPU (the rows stay in
+    cache from one step to the next), a few at a time elsewhere (:func:`_image_step`).
     """
     n_img, n_cap, n_patch = keep.shape
     n_aggr = images.weights.shape[2]
     real, device = images.gram.dtype, keep.device
-    total = torch.bmm(keep, images.weights)
-    n_rows, n_agg_rows = n_cap * (n_aggr + 1), n_cap * n_aggr
-    half = n_patch // 2
-    budget = BLOCK_BYTES.get(device.type, DEFAULT_BLOCK_BYTES)
-    step = max(1, budget // (n_rows * n_patch * real.itemsize))
-    sq = keep.new_empty(n_img, n_cap, n_aggr)
-    f_sq = keep.new_empty(n_img, n_cap)
+    n_rows = n_cap * (n_aggr + 1)
+    sq = keep.new_empty(n_img, n_cap, n_aggr + 1)
+    step = _image_step(n_rows * n_patch * real.itemsize, device)
     for v0 in range(0, n_img, step):
         v1 = min(v0 + step, n_img)
-        # the rows' two halves in buffers of their own: the products' left factors, contiguous
-        halves = []
-        for name, cols in (("norm_u", slice(0, half)), ("norm_v", slice(half, n_patch))):
-            width = cols.stop - cols.start
-            rows = _new(ws, name, (v1 - v0, n_rows, width), real, device)
-            _softmax_weights(images.weights_t[v0:v1, :, cols], keep[v0:v1, :, cols], total[v0:v1],
-                             out=rows[:, :n_agg_rows].view(v1 - v0, n_cap, n_aggr, width))
-            rows[:, n_agg_rows:] = fuse[v0:v1, :, cols]
-            halves.append(rows)
-        q = _quadratic_form(*halves, images.take(slice(v0, v1)), mm_dtype, ws)
-        sq[v0:v1] = q[:, :n_agg_rows].view(v1 - v0, n_cap, n_aggr)
-        f_sq[v0:v1] = q[:, n_agg_rows:]
-    return total, sq, f_sq
+        rows = _rows(images.weights_t[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
+                     _new(ws, "rows", (v1 - v0, n_cap, n_aggr + 1, n_patch), real, device)).flatten(1, 2)
+        kept = None if proj is None or mm_dtype != real else proj[v0:v1]
+        # G is symmetric: w G = w G^T
+        part = bmm_nt(rows.to(mm_dtype), images.gram[v0:v1].to(mm_dtype),
+                      out=kept if kept is not None else _new(ws, "proj", rows.shape, mm_dtype, device)).to(real)
+        if proj is not None and kept is None:
+            proj[v0:v1] = part
+        sq[v0:v1] = _rowdot(part, rows).view(v1 - v0, n_cap, n_aggr + 1)
+    return sq
+
+
+def _norms_backward(
+    images: _Images, keep: Tensor, fuse: Tensor, total: Tensor, d_sq: Tensor, mm_dtype: torch.dtype,
+    d_gram: Tensor, ws: _Workspace | None, proj: Tensor | None = None,
+) -> Tensor:
+    """Backward of :func:`_norms` for V images and T captions: given ``d loss / d sq`` (V, T, M + 1),
+    adds the Gram matrices' gradient (up to an antisymmetric part) to ``d_gram`` (V, N, N) and
+    returns the weights' (V, N, M) (through the squared norms only; ``Z`` is held fixed). ``proj``
+    are :func:`_norms`' products, recomputed when not given. Images go as in :func:`_norms`.
+    """
+    n_img, n_cap, n_patch = keep.shape
+    n_aggr = images.weights.shape[2]
+    real, device = images.gram.dtype, keep.device
+    n_rows = n_cap * (n_aggr + 1)
+    d_w_t = torch.empty_like(images.weights_t)
+    step = _image_step(n_rows * n_patch * real.itemsize, device)
+    for v0 in range(0, n_img, step):
+        v1 = min(v0 + step, n_img)
+        rows = _rows(images.weights_t[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
+                     _new(ws, "rows", (v1 - v0, n_cap, n_aggr + 1, n_patch), real, device))
+        flat = rows.view(v1 - v0, n_rows, n_patch)
+        if proj is None:
+            part = bmm_nt(flat.to(mm_dtype), images.gram[v0:v1].to(mm_dtype),
+                          out=_new(ws, "proj", flat.shape, mm_dtype, device)).to(real)
+        else:
+            part = proj[v0:v1]
+        scaled = torch.mul(rows, d_sq[v0:v1].unsqueeze(-1), out=_new(ws, "scaled", rows.shape, real, device))
+        # d sq / d w = 2 w G; through w = E keep / Z: d E = 2 d_sq (w G) keep / Z = 2 (w G) scaled / E.
+        prod = torch.mul(part.view(rows.shape)[:, :, :n_aggr], scaled[:, :, :n_aggr],
+                         out=_new(ws, "proj_scaled", (v1 - v0, n_cap, n_aggr, n_patch), real, device))
+        torch.sum(prod, dim=1, out=d_w_t[v0:v1])
+        _half_outer(scaled.view(v1 - v0, n_rows, n_patch), flat, mm_dtype, d_gram[v0:v1])
+    return d_w_t.mul_(2.0).div_(images.weights_t).transpose(1, 2)
+
+
+def _image_step(image_bytes: int, device: torch.device) -> int:
+    """Images whose rows (``image_bytes`` each) are processed at once by :func:`_norms` and
+    :func:`_norms_backward`: one on CPU, as many as :data:`BLOCK_BYTES` holds elsewhere."""
+    if device.type == "cpu":
+        return 1
+    return max(1, BLOCK_BYTES.get(device.type, DEFAULT_BLOCK_BYTES) // max(image_bytes, 1))
 
 
 def _fusion_dots(fuse: Tensor, dots: Tensor, group: int = 16) -> Tensor:
@@ -736,49 +769,28 @@ def _fusion_dots(fuse: Tensor, dots: Tensor, group: int = 16) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _quadratic_form(u: Tensor, v: Tensor, images: _Images, mm_dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
-    """Row-wise ``w G w^T`` for ``w = [u, v]`` (V, R, N) given as its halves ``u`` (V, R, N/2) and
-    ``v`` (V, R, N - N/2), and the images' symmetric ``G`` (V, N, N): (V, R).
-
-    With ``G = [[A, B], [B^T, D]]``: ``u [A, 2B] . w + v D . v``, which is 3/4 of the multiply-adds
-    of ``(w G) . w``.
-    """
-    n_img, n_rows, half = u.shape
-    n_patch = half + v.shape[-1]
-    real = u.dtype
-    top = bmm_nt(u.to(mm_dtype), images.gram_left.to(mm_dtype), out=_new(ws, "qf_top", (n_img, n_rows, n_patch),
-                                                                          mm_dtype, u.device))  # u [A, 2B]
-    low = bmm_nt(v.to(mm_dtype), images.gram_lower.to(mm_dtype), out=_new(ws, "qf_low", (n_img, n_rows, n_patch - half),
-                                                                           mm_dtype, u.device))  # v D
-    # top and low are this function's scratch (or fresh casts): the products are formed in place
-    top = top.to(real)
-    top[..., :half].mul_(u)
-    top[..., half:].mul_(v)
-    return top.sum(-1).add_(low.to(real).mul_(v).sum(-1))
-
-
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise dot products of ``(..., R, N)`` tensors, as one batched GEMM (no temporary)."""
     n = a.shape[-1]
     return torch.matmul(a.reshape(-1, 1, n), b.reshape(-1, n, 1)).view(a.shape[:-1])
 
 
-def _half_outer(x: Tensor, y: Tensor, mm_dtype: torch.dtype) -> Tensor:
-    """For ``x``, ``y`` (V, R, N) whose ``x^T y`` is symmetric, a ``D`` (V, N, N) with ``D + D^T = 2 x^T y``.
+def _half_outer(x: Tensor, y: Tensor, mm_dtype: torch.dtype, out: Tensor) -> None:
+    """For ``x``, ``y`` (V, R, N) whose ``x^T y`` is symmetric, add to ``out`` (V, N, N) a ``D`` with
+    ``D + D^T = 2 x^T y``.
 
-    Gradients of the Gram matrix only enter :class:`_Gram`'s backward symmetrised, so the upper
-    block triangle ``[[x1^T y1, 2 x1^T y2], [0, x2^T y2]]`` does: 3/4 of the multiply-adds.
+    Gradients of the Gram matrix only enter the patches' gradient symmetrised, ``(dG + dG^T) P``,
+    so the upper block triangle ``[[x1^T y1, 2 x1^T y2], [0, x2^T y2]]`` does: 3/4 of the
+    multiply-adds.
     """
     half = x.shape[-1] // 2
     real = x.dtype
-    out = x.new_zeros(x.shape[0], x.shape[-1], x.shape[-1])
     # transposed factors: torch's kernels take them as they are (oneDNN would need copies, which
     # cost what its faster kernel saves at these sizes)
     top = torch.bmm(x[..., :half].transpose(1, 2).to(mm_dtype), y.to(mm_dtype)).to(real)  # x1^T [y1, y2]
     top[..., half:].mul_(2.0)
-    out[:, :half] = top
-    out[:, half:, half:] = torch.bmm(x[..., half:].transpose(1, 2).to(mm_dtype), y[..., half:].to(mm_dtype)).to(real)
-    return out
+    out[:, :half] += top
+    out[:, half:, half:] += torch.bmm(x[..., half:].transpose(1, 2).to(mm_dtype), y[..., half:].to(mm_dtype)).to(real)
 
 
 def _softmax_weights(w_t: Tensor, keep: Tensor, total: Tensor, out: Tensor | None = None) -> Tensor:
@@ -788,6 +800,18 @@ def _softmax_weights(w_t: Tensor, keep: Tensor, total: Tensor, out: Tensor | Non
                           device=w_t.device)
     torch.mul(w_t.unsqueeze(1), keep.unsqueeze(2), out=out)
     return out.div_(total.unsqueeze(-1))
+
+
+def _rows(w_t: Tensor, keep: Tensor, fuse: Tensor, total: Tensor, out: Tensor) -> Tensor:
+    """The rows of the norms' quadratic forms for V images and T captions: ``out`` (V, T, M + 1, N)
+    gets the aggregation weights ``E * keep / Z`` in ``[:, :, :M]`` and the fusion weights in
+    ``[:, :, M]``, from ``E^T`` ``w_t`` (V, M, N), keep and fuse (V, T, N) and ``Z`` (V, T, M)."""
+    n_aggr = w_t.shape[1]
+    agg = out[:, :, :n_aggr]
+    torch.mul(w_t.unsqueeze(1), keep.unsqueeze(2), out=agg)
+    agg.div_(total.unsqueeze(-1))
+    out[:, :, n_aggr] = fuse
+    return out
 
 
 def _pair_backward(
@@ -800,21 +824,23 @@ def _pair_backward(
     n_cls: int,
     mm_dtype: torch.dtype,
     c: dict[str, Tensor],
+    d_dots: Tensor,
     ws: _Workspace | None = None,
-    tokens_t: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients wrt tokens, gram (up to an antisymmetric part), weights, cls_norm and words of a
-    block, given ``d loss / d sims`` and the block's intermediates ``c`` from :func:`_pair_forward`.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of a block, given ``d loss / d sims`` and its intermediates ``c`` from :func:`_pair_forward`.
 
-    ``tokens_t`` (C, V * L_v), the block's tokens transposed in ``mm_dtype``, lets the word gradient
-    use :func:`mm_nt` (shared captions only)."""
-    tokens, gram, weights, cls_norm = images.tokens, images.gram, images.weights, images.cls_norm
+    Writes the gradient of the word-token dots into ``d_dots`` (V, L_v, T, L) (``mm_dtype``; a view
+    of a larger buffer is fine). Returns the gradients wrt weights (V, N, M) (through the dots and
+    the softmax totals), cls_norm (V, R_c) and the squared norms (V, T, M + 1), which
+    :func:`_norms_backward` takes on; the tokens' and words' follow from ``d_dots``
+    (:func:`_token_word_grads`), for several blocks at once.
+    """
+    tokens, weights, cls_norm = images.tokens, images.weights, images.cls_norm
     with torch.autocast(tokens.device.type, enabled=False):
-        n_img, n_tok, dim = tokens.shape
-        shared = words.dim() == 3
+        n_img = tokens.shape[0]
         n_cap, n_word = words.shape[-3], words.shape[-2]
         n_patch, n_aggr = weights.shape[1], weights.shape[2]
-        real, device = gram.dtype, tokens.device
+        real, device = images.gram.dtype, tokens.device
         sim = c["sim"]
         n_rows = sim.shape[1]
         g = grad.to(real)
@@ -835,26 +861,14 @@ def _pair_backward(
         d_sq = torch.where(live, d_denom * total / (2.0 * norm), 0.0)
         # Z cancels out of s while ||A|| is not clamped (s is homogeneous of degree 0 in E[:, m]).
         d_total = torch.where(live, 0.0, d_denom * norm)
-        w_t = images.weights_t  # (V, M, N)
-        shape = (n_img, n_cap, n_aggr, n_patch)
-        agg_w = _softmax_weights(w_t, keep, total, _new(ws, "agg_w", shape, real, device))
-        scaled = torch.mul(agg_w, d_sq.unsqueeze(-1), out=_new(ws, "scaled", shape, real, device))  # w * d_sq
-        # d sq / d w = 2 w G = 2 proj; through w = E keep / Z: d E = 2 d_sq proj keep / Z = 2 proj scaled / E.
-        proj = torch.mul(c["proj"], scaled, out=_new(ws, "proj_scaled", shape, real, device))
-        d_w_t = proj.sum(dim=1).mul_(2.0).div_(w_t)  # (V, M, N)
-        del proj
-        d_weights = torch.baddbmm(d_w_t.transpose(1, 2), keep.transpose(1, 2), d_total)  # (V, N, M)
+        d_weights = torch.bmm(keep.transpose(1, 2), d_total)  # (V, N, M)
         d_numer_mm = d_numer.view(n_img, n_aggr, n_cap * n_word).to(mm_dtype)
         dots_kept = c["dots_kept"].reshape(n_img, n_patch, n_cap * n_word)
         d_weights += torch.bmm(dots_kept, d_numer_mm.transpose(1, 2)).to(real)
-        d_gram = _half_outer(scaled.view(n_img, n_cap * n_aggr, n_patch), agg_w.view(n_img, n_cap * n_aggr, n_patch),
-                             mm_dtype)
-        del scaled, agg_w
 
         # word-token dots: d dots = keep * (E @ d numer), plus the [CLS] row.
         d_kept = _new(ws, "d_kept", (n_img, n_patch, n_cap * n_word), mm_dtype, device)
         torch.bmm(weights.to(mm_dtype), d_numer_mm, out=d_kept)
-        d_dots = _new(ws, "d_dots", (n_img, n_tok, n_cap, n_word), mm_dtype, device)
         torch.mul(d_kept.view(n_img, n_patch, n_cap, n_word), keep.transpose(1, 2).unsqueeze(-1).to(mm_dtype),
                   out=d_dots[:, n_cls:])
         del d_kept
@@ -871,42 +885,50 @@ def _pair_backward(
         d_f_norm = -(d_fuse_row * c["s_fuse"]).sum(-1) / f_norm  # (V, T)
         d_f_sq = torch.where(c["f_len"] >= NORM_EPS, d_f_norm / (2.0 * f_norm), 0.0)
         d_dots[:, n_cls:].addcmul_(fuse.transpose(1, 2).unsqueeze(-1).to(mm_dtype), d_f_num.unsqueeze(1).to(mm_dtype))
-        fuse_mm = fuse.to(mm_dtype)
-        d_gram += torch.bmm((fuse * d_f_sq.unsqueeze(-1)).transpose(1, 2).to(mm_dtype), fuse_mm).to(real)
+    return d_weights, d_cls_norm, torch.cat([d_sq, d_f_sq.unsqueeze(-1)], dim=-1)
 
-        wrd = words.to(mm_dtype)
-        tok = tokens.to(mm_dtype)
-        if shared:
-            flat = d_dots.view(n_img * n_tok, n_cap * n_word)
-            d_tokens = mm_nt(flat, wrd.reshape(n_cap * n_word, dim).t()).to(real).view(n_img, n_tok, dim)
-            if tokens_t is not None:
-                d_words = mm_nt(flat.t(), tokens_t).to(real).view_as(words)
-            else:
-                d_words = torch.mm(flat.t(), tok.reshape(n_img * n_tok, dim)).to(real).view_as(words)
+
+def _token_word_grads(
+    d_dots: Tensor, tokens: Tensor, words: Tensor, real: torch.dtype, tokens_t: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Gradients wrt the tokens (V, L_v, C) and the words from the gradient of their dots ``d_dots``.
+
+    Captions shared by all images: ``d_dots`` (V * L_v, K) for ``words`` (K, C) (the flattened
+    words of one block or of several side by side), giving d_words (K, C); ``tokens_t`` (C, V * L_v),
+    the tokens transposed and contiguous, lets that product run in :func:`mm_nt`. Captions per
+    image: ``d_dots`` (V, L_v, K) for ``words`` (V, K, C). All factors in ``d_dots``' dtype.
+    """
+    n_img, n_tok, dim = tokens.shape
+    if words.dim() == 2:
+        d_tokens = mm_nt(d_dots, words.t()).to(real).view(n_img, n_tok, dim)
+        if tokens_t is not None:
+            d_words = mm_nt(d_dots.t(), tokens_t)
         else:
-            flat = d_dots.view(n_img, n_tok, n_cap * n_word)
-            d_tokens = bmm_nt(flat, wrd.reshape(n_img, n_cap * n_word, dim).transpose(1, 2)).to(real)
-            d_words = torch.bmm(flat.transpose(1, 2), tok).to(real).view_as(words)
-    return d_tokens, d_gram, d_weights, d_cls_norm, d_words
+            d_words = torch.mm(d_dots.t(), tokens.reshape(n_img * n_tok, dim))
+    else:
+        d_tokens = bmm_nt(d_dots, words.transpose(1, 2)).to(real)
+        d_words = torch.bmm(d_dots.transpose(1, 2), tokens)
+    return d_tokens, d_words.to(real)
 
 
 class _PairScores(torch.autograd.Function):
     """All-pairs similarities with a hand-written, block-by-block backward.
 
-    Inputs with gradients: tokens (V, L_v, C), gram (V, N, N), weights (V, N, M), cls_norm
-    (V, R_c), words (T, L, C). Outputs: sims (V, T) and the keep mask (V, T, N) (or None).
-    ``gram`` must come from :class:`_Gram`: its gradient is returned up to an antisymmetric part
-    (see :func:`_half_outer`), which :class:`_Gram`'s backward cancels.
+    Inputs with gradients: tokens (V, L_v, C), weights (V, N, M), words (T, L, C). ``gram``
+    (V, N, N) and ``cls_norm`` (V, R_c) must be :meth:`LAPSHead.prepare_images`'s, computed from
+    ``tokens`` without a graph: backward adds their gradients to the tokens' itself (without the
+    full-size gradient tensors that autograd's slicing of the tokens would add up). Outputs: sims
+    (V, T) and the keep mask (V, T, N) (or None).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
         tokens: Tensor,
-        gram: Tensor,
         weights: Tensor,
-        cls_norm: Tensor,
         words: Tensor,
+        gram: Tensor,
+        cls_norm: Tensor,
         lens: Tensor,
         patch_norm: Tensor,
         salience: Tensor,
@@ -915,9 +937,8 @@ class _PairScores(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor | None]:
         images = _Images.build(tokens, gram, weights, cls_norm)
         sims, mask, state = _score_blocks(images, words, lens, patch_norm, salience, query, config, save=True)
-        ctx.save_for_backward(tokens, gram, weights, cls_norm, words)
-        # what _Images.build derives from the inputs (no gradient), for backward: built once a step
-        ctx.derived = (images.weights_t, images.gram_left, images.gram_lower)
+        ctx.save_for_backward(tokens, weights, words, gram, cls_norm)
+        ctx.weights_t = images.weights_t  # derived by _Images.build (no gradient), built once a step
         ctx.state, ctx.config = state, config
         if mask is not None:
             ctx.mark_non_differentiable(mask)
@@ -925,12 +946,15 @@ class _PairScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_mask: Tensor | None):  # type: ignore[override]
-        tokens, gram, weights, cls_norm, words = ctx.saved_tensors
+        tokens, weights, words, gram, cls_norm = ctx.saved_tensors
         state, config = ctx.state, ctx.config
         order, lens_s, words_s = state["order"], state["lens_s"], state["words_s"]
-        keep_s, fuse_s = state["keep_s"], state["fuse_s"]
-        grad_s = grad.to(gram.dtype).index_select(1, order)
-        images = _Images(tokens, gram, weights, cls_norm, *ctx.derived)
+        keep_s, fuse_s, total_s, sq_s = state["keep_s"], state["fuse_s"], state["total_s"], state["sq_s"]
+        real, mm_dtype, device = gram.dtype, config.mm_dtype, tokens.device
+        n_tok, dim = tokens.shape[1], tokens.shape[2]
+        n_patch = gram.shape[1]
+        grad_s = grad.to(real).index_select(1, order)
+        images = _Images(tokens, gram, weights, cls_norm, ctx.weights_t)
         acc = _GradAccumulator(tokens, gram, weights, cls_norm, words_s)
         ws = _Workspace()
         nonzero = grad_s != 0
@@ -945,80 +969,150 @@ class _PairScores(torch.autograd.Function):
             # Few pairs carry a gradient (e.g. hardest negatives): recompute just those, per image.
             for rows, slots in groups:
                 width = int(lens_s[slots].max())
-                args = (
-                    images.take(rows), words_s[slots, :width], keep_s[rows.unsqueeze(1), slots],
-                    fuse_s[rows.unsqueeze(1), slots], lens_s[slots], config.n_cls, config.mm_dtype,
-                )
+                n_rows, n_slots = slots.shape
+                pairs = (rows.unsqueeze(1), slots)
+                group = images.take(rows)
+                words_g, keep_g, fuse_g, total_g = words_s[slots, :width], keep_s[pairs], fuse_s[pairs], total_s[pairs]
+                args = (group, words_g, keep_g, fuse_g, lens_s[slots], config.n_cls, mm_dtype)
                 with torch.no_grad():
-                    cache = _pair_forward(*args, ws=ws)[1]
-                grads = _pair_backward(grad_s[rows.unsqueeze(1), slots], *args, cache, ws=ws)
-                acc.add_rows(rows, slots, width, grads)
-        else:
-            # oneDNN wants the word gradient's right-hand factor, the tokens transposed, contiguous:
-            # once per range of images
-            transposed: dict[tuple[int, int], Tensor] = {}
-            use_t = onednn_for(tokens.device, config.mm_dtype)
-            for (v0, v1, t0, t1, width), cache in zip(state["plan"], state["caches"]):
-                block_grad = grad_s[v0:v1, t0:t1]
-                if not bool(nonzero[v0:v1, t0:t1].any()):
-                    continue
-                args = (
-                    images.take(slice(v0, v1)), words_s[t0:t1, :width], keep_s[v0:v1, t0:t1],
-                    fuse_s[v0:v1, t0:t1], lens_s[t0:t1], config.n_cls, config.mm_dtype,
+                    cache = _pair_forward(*args, (total_g, sq_s[pairs]), ws=ws)[1]
+                d_dots = _new(ws, "d_dots", (n_rows, n_tok, n_slots, width), mm_dtype, device)
+                d_w, d_cls, d_sq = _pair_backward(grad_s[pairs], *args, cache, d_dots, ws=ws)
+                d_gram = gram.new_zeros(n_rows, n_patch, n_patch)
+                d_w += _norms_backward(group, keep_g, fuse_g, total_g, d_sq, mm_dtype, d_gram, ws)
+                d_tok, d_words = _token_word_grads(
+                    d_dots.view(n_rows, n_tok, n_slots * width), tokens[rows].detach().to(mm_dtype),
+                    words_g.to(mm_dtype).reshape(n_rows, n_slots * width, dim), real,
                 )
-                if cache is None:
-                    with torch.no_grad():
-                        cache = _pair_forward(*args, ws=ws)[1]
-                if use_t and (v0, v1) not in transposed:
-                    transposed[v0, v1] = tokens[v0:v1].detach().to(config.mm_dtype).flatten(0, 1).t().contiguous()
-                acc.add_block(v0, v1, t0, t1, width,
-                              _pair_backward(block_grad, *args, cache, ws=ws, tokens_t=transposed.get((v0, v1))))
+                acc.add_rows(rows, slots, width, (d_tok, d_gram, d_w, d_cls, d_words.view(n_rows, n_slots, width, dim)))
+        else:
+            d_sq_s = torch.zeros_like(sq_s)
+            # oneDNN wants the word gradient's right-hand factor, the tokens transposed, contiguous
+            use_t = onednn_for(device, mm_dtype)
+            budget = GATHER_BYTES.get(device.type, DEFAULT_GATHER_BYTES)
+            for (v0, v1), blocks in _image_ranges(state["plan"], state["caches"], nonzero):
+                tok = tokens[v0:v1].detach().to(mm_dtype)
+                tokens_t = tok.flatten(0, 1).t().contiguous() if use_t else None
+                for group in _column_groups(blocks, (v1 - v0) * n_tok * mm_dtype.itemsize, budget):
+                    # the blocks' word-token gradients side by side: the tokens' and the words' gradients
+                    # are then one GEMM each
+                    cols = sum((t1 - t0) * width for t0, t1, width, _ in group)
+                    d_dots = torch.empty((v1 - v0) * n_tok, cols, dtype=mm_dtype, device=device)
+                    words_cat = torch.empty(cols, dim, dtype=mm_dtype, device=device)
+                    col = 0
+                    for t0, t1, width, cache in group:
+                        args = (
+                            images.take(slice(v0, v1)), words_s[t0:t1, :width], keep_s[v0:v1, t0:t1],
+                            fuse_s[v0:v1, t0:t1], lens_s[t0:t1], config.n_cls, mm_dtype,
+                        )
+                        if cache is None:
+                            with torch.no_grad():
+                                cache = _pair_forward(*args, (total_s[v0:v1, t0:t1], sq_s[v0:v1, t0:t1]), ws=ws)[1]
+                        n_cols = (t1 - t0) * width
+                        out = d_dots[:, col : col + n_cols].view(v1 - v0, n_tok, t1 - t0, width)
+                        words_cat[col : col + n_cols] = words_s[t0:t1, :width].reshape(n_cols, dim)
+                        col += n_cols
+                        d_w, d_cls, d_sq = _pair_backward(grad_s[v0:v1, t0:t1], *args, cache, out, ws=ws)
+                        acc.weights[v0:v1] += d_w
+                        acc.cls_norm[v0:v1] += d_cls
+                        d_sq_s[v0:v1, t0:t1] = d_sq
+                    d_tok, d_words = _token_word_grads(d_dots, tok, words_cat, real, tokens_t)
+                    acc.add_tokens(v0, v1, d_tok)
+                    col = 0
+                    for t0, t1, width, _ in group:
+                        n_cols = (t1 - t0) * width
+                        acc.words[t0:t1, :width] += d_words[col : col + n_cols].view(t1 - t0, width, dim)
+                        col += n_cols
+            # the norms, a run of captions at a time as in forward (with its products w G when kept)
+            for s0, s1, proj in state["runs"]:
+                if bool(nonzero[:, s0:s1].any()):
+                    acc.weights += _norms_backward(images, keep_s[:, s0:s1], fuse_s[:, s0:s1], total_s[:, s0:s1],
+                                                   d_sq_s[:, s0:s1], mm_dtype, acc.gram, ws, proj)
+        d_tokens = acc.token_grad(tokens, config.n_cls)
         d_words = torch.empty_like(acc.words).index_copy_(0, order, acc.words)
         return (
-            acc.tokens.to(tokens.dtype), acc.gram, acc.weights, acc.cls_norm, d_words.to(words.dtype),
-            None, None, None, None, None,
+            d_tokens.to(tokens.dtype), acc.weights, d_words.to(words.dtype), None, None, None, None, None, None, None,
         )
 
 
-class _Gram(torch.autograd.Function):
-    """``P P^T`` for ``P`` (V, N, C), with a backward of one GEMM: ``(dG + dG^T) P``."""
-
-    @staticmethod
-    def forward(ctx, patches: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(patches)
-        return bmm_nt(patches, patches)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        (patches,) = ctx.saved_tensors
-        return bmm_nt(grad + grad.transpose(1, 2), patches.transpose(1, 2))
-
-
 class _GradAccumulator:
-    """Full-size fp32 gradient buffers that blocks of pairs add into."""
+    """Full-size gradient buffers (``gram``'s dtype) that blocks of pairs add into; the Gram
+    matrices' and [CLS] norms' gradients are folded into the tokens' by :meth:`token_grad`."""
 
     def __init__(self, tokens: Tensor, gram: Tensor, weights: Tensor, cls_norm: Tensor, words: Tensor) -> None:
-        self.tokens = torch.zeros(tokens.shape, dtype=gram.dtype, device=tokens.device)
+        # the tokens' rows are written by their first addition (zeroed at the end if there is none)
+        self.tokens = torch.empty(tokens.shape, dtype=gram.dtype, device=tokens.device)
+        self._unset = [True] * tokens.shape[0]
         self.gram = torch.zeros_like(gram)
         self.weights = torch.zeros_like(weights)
         self.cls_norm = torch.zeros_like(cls_norm)
         self.words = torch.zeros_like(words)
 
-    def add_block(self, v0: int, v1: int, t0: int, t1: int, width: int, grads: tuple[Tensor, ...]) -> None:
-        d_tok, d_gram, d_w, d_cls, d_words = grads
-        self.tokens[v0:v1] += d_tok
-        self.gram[v0:v1] += d_gram
-        self.weights[v0:v1] += d_w
-        self.cls_norm[v0:v1] += d_cls
-        self.words[t0:t1, :width] += d_words
+    def _zero_unset(self, v0: int, v1: int) -> None:
+        for v in range(v0, v1):
+            if self._unset[v]:
+                self.tokens[v].zero_()
+                self._unset[v] = False
+
+    def add_tokens(self, v0: int, v1: int, d_tokens: Tensor) -> None:
+        """Add ``d_tokens`` (v1 - v0, L_v, C) to the tokens ``v0:v1``."""
+        if all(self._unset[v0:v1]):
+            self.tokens[v0:v1] = d_tokens
+            self._unset[v0:v1] = [False] * (v1 - v0)
+        else:
+            self._zero_unset(v0, v1)
+            self.tokens[v0:v1] += d_tokens
 
     def add_rows(self, rows: Tensor, slots: Tensor, width: int, grads: tuple[Tensor, ...]) -> None:
+        """Add the gradients of a group of images ``rows`` (V_g,) with their captions ``slots`` (V_g, S_g)."""
         d_tok, d_gram, d_w, d_cls, d_words = grads
+        self._zero_unset(0, len(self._unset))
         self.tokens.index_add_(0, rows, d_tok)
         self.gram.index_add_(0, rows, d_gram)
         self.weights.index_add_(0, rows, d_w)
         self.cls_norm.index_add_(0, rows, d_cls)
         self.words[:, :width].index_add_(0, slots.reshape(-1), d_words.reshape(-1, width, d_words.shape[-1]))
+
+    @torch.no_grad()
+    def token_grad(self, tokens: Tensor, n_cls: int) -> Tensor:
+        """The tokens' full gradient: what was added, plus that of ``G = P P^T``, ``(dG + dG^T) P``,
+        and of the [CLS] norm."""
+        self._zero_unset(0, len(self._unset))
+        real = self.gram.dtype
+        patches = tokens[:, n_cls:].to(real)
+        self.tokens[:, n_cls:] += bmm_nt(self.gram + self.gram.transpose(1, 2), patches.transpose(1, 2))
+        if n_cls:
+            cls = tokens[:, :n_cls].to(real)
+            raw = cls.norm(dim=-1, keepdim=True)  # (V, R_c, 1); the norm is clamped at NORM_EPS
+            self.tokens[:, :n_cls] += torch.where(raw >= NORM_EPS, self.cls_norm.unsqueeze(-1) / raw, 0.0) * cls
+        return self.tokens
+
+
+def _image_ranges(plan: list, caches: list, nonzero: Tensor) -> list[tuple[tuple[int, int], list]]:
+    """The blocks of ``plan`` with a nonzero gradient, grouped by their image range:
+    ``[((v0, v1), [(t0, t1, width, cache), ...]), ...]``."""
+    ranges: dict[tuple[int, int], list] = {}
+    for (v0, v1, t0, t1, width), cache in zip(plan, caches):
+        if bool(nonzero[v0:v1, t0:t1].any()):
+            ranges.setdefault((v0, v1), []).append((t0, t1, width, cache))
+    return list(ranges.items())
+
+
+def _column_groups(blocks: list, column_bytes: int, budget: int) -> list[list]:
+    """``blocks`` (of one image range) in runs whose word-token gradients, ``column_bytes`` per
+    column (a caption's word), take at most ``budget`` bytes side by side (at least one block a run)."""
+    groups: list[list] = []
+    size = 0
+    for block in blocks:
+        t0, t1, width, _ = block
+        cost = (t1 - t0) * width * column_bytes
+        if groups and size + cost <= budget:
+            groups[-1].append(block)
+            size += cost
+        else:
+            groups.append([block])
+            size = cost
+    return groups
 
 
 def _sparse_groups(nonzero: Tensor, block_pairs: int) -> list[tuple[Tensor, Tensor]]:
