@@ -232,6 +232,23 @@ def test_gpu_block_plan_matches_reference(kind: str, monkeypatch: pytest.MonkeyP
     assert planned and all(p == [(0, img.shape[0], 0, cap.shape[0])] for p in planned)  # one block, as planned
 
 
+@pytest.mark.parametrize("kind", ["dense", "sparse", "image-range-without-gradient"])
+def test_split_gathers_and_image_chunks_match_reference(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backward with every block's word-token gradients in products of their own (a gather budget of
+    one byte: an image range's token gradient is written by its first block, added to by the next),
+    the norms three images at a time (as on a GPU) and, last, image ranges whose pairs carry no
+    gradient (their blocks are skipped; their tokens' gradient is zero)."""
+    from laps.models import head as head_module
+
+    monkeypatch.setitem(head_module.GATHER_BYTES, "cpu", 1)
+    monkeypatch.setattr(head_module, "_image_step", lambda _bytes, _device: 3)
+    head, img, cap, lens = random_case("vit-like", torch.float64, "cpu")  # blocks of one image, 5 or 4 captions
+    grad = upstream_grad((img.shape[0], cap.shape[0]), "sparse" if kind == "sparse" else "dense")
+    if kind == "image-range-without-gradient":
+        grad[2:4] = 0.0  # still the dense path: five of seven images carry a gradient
+    compare_to_reference(head, img, cap, lens, grad, 1e-9, {})
+
+
 @pytest.mark.parametrize("max_saved_mb", [0.0, 0.01, 1024.0])
 def test_recomputed_and_kept_blocks_agree(max_saved_mb: float) -> None:
     """Blocks kept from forward to backward and blocks recomputed in backward give the same gradients."""

@@ -112,6 +112,8 @@ def bmm_nt(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     if not _onednn(a, b, m * n * k):
         return torch.bmm(a, b.transpose(1, 2), out=out)
     if out is None:
+        if batch == 1:
+            return _linear(a[0], b[0]).unsqueeze(0)
         out = a.new_empty(batch, m, n)
     for i in range(batch):
         out[i] = _linear(a[i], b[i])

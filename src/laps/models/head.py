@@ -12,18 +12,23 @@ pair the official code gathers the kept patches, runs the aggregation MLP on the
   patches ``w_m = E[:, m] * keep / Z_m`` (``Z_m = E[:, m] . keep``):
   ``<word_j, A_m> = sum_k w_mk <word_j, P_k>`` and ``||A_m||^2 = w_m G w_m^T``.
   The word-token products ``<word_j, token_k>`` of a block of pairs are one large GEMM
-  (``(B_v * L_v, C) @ (C, b_t * L_t)``; the [CLS] row is one of its columns), the aggregated
-  tokens' dots a GEMM per image with ``E`` and their norms a GEMM per image with ``G``. Per pair
-  this is about ``L_v L_t C + M N^2`` multiply-adds in large GEMMs, against ``K C h + M K C``
-  (MLP of width ``h`` on the ``K`` kept tokens, aggregation) plus gathers in the official loop;
-* the fusion token ``f = softmax(dropped scores) @ P`` is a small GEMM per image.
+  (``(B_v * L_v, C) @ (C, b_t * L_t)``; the [CLS] row is one of its columns) and the aggregated
+  tokens' dots a GEMM per image with ``E``. The norms do not depend on the words: per image,
+  ``G`` times the weights of all aggregated and fusion tokens of a run of up to 64 captions is one
+  GEMM. Per pair this is about ``L_v L_t C + (M + 1) N^2`` multiply-adds in large GEMMs, against
+  ``K C h + M K C`` (MLP of width ``h`` on the ``K`` kept tokens, aggregation) plus gathers in the
+  official loop;
+* the fusion token ``f = softmax(dropped scores) @ P``: its dots are a small GEMM per image.
 
 Pairs are scored in blocks (captions sorted by length, so that a block is padded only to its own
 longest caption; on CPU blocks stay small enough for the allocator to reuse their memory). The
-backward is hand-written (:class:`_PairScores`): a block's intermediates are kept from forward to
-backward within ``max_saved_mb`` and recomputed beyond it, so memory stays bounded; when few
-pairs carry a gradient (the hardest-negative loss gives about three per image), backward
-recomputes only those, image by image, and the next forward keeps nothing. Selection, softmax
+backward is hand-written (:class:`_PairScores`): a block's intermediates (and the norms' products
+``G w^T``) are kept from forward to backward within ``max_saved_mb`` and recomputed beyond it, so
+memory stays bounded; the word-token gradients of an image range's blocks are gathered side by
+side, so that the tokens' and the words' gradients are one GEMM each, and the gradients of ``G``
+and the [CLS] norm are added to the tokens' there. When few pairs carry a gradient (the
+hardest-negative loss gives about three per image), backward recomputes only those, image by
+image, and the next forward keeps nothing. Selection, softmax
 weights and normalisation run in fp32 (float64 for float64 inputs); under autocast the large
 GEMMs run in the autocast dtype. On CPU the large float32 GEMMs go to oneDNN rather than MKL
 (:mod:`laps.models.gemm`).
@@ -483,7 +488,7 @@ def _cache_bytes(n_img: int, n_tok: int, n_cap: int, n_word: int, n_aggr: int, m
 
 
 def _proj_bytes(n_img: int, n_cap: int, n_aggr: int, n_patch: int, real: torch.dtype) -> int:
-    """Bytes of the products ``w G`` that :func:`_norms` keeps for backward."""
+    """Bytes of the products ``G w^T`` that :func:`_norms` keeps for backward."""
     return n_img * n_cap * (n_aggr + 1) * n_patch * real.itemsize
 
 
@@ -524,7 +529,7 @@ def _score_blocks(
     caption. The patch selection and the norms of the aggregated and fusion tokens (which do not
     depend on the words) are computed for all images and a run of captions at once. With ``save``
     the state for :meth:`_PairScores.backward` is returned: the plan, the sorted order, keep and
-    fusion weights and norms of every pair and, within ``max_saved_bytes``, the products ``w G``
+    fusion weights and norms of every pair and, within ``max_saved_bytes``, the products ``G w^T``
     of the runs' norms and each block's intermediates.
     """
     tokens = images.tokens
@@ -566,7 +571,7 @@ def _score_blocks(
             proj = None
             if save and saved + size <= config.max_saved_bytes:
                 saved += size
-                proj = torch.empty(n_img, (s1 - s0) * (n_aggr + 1), n_patch, dtype=real, device=tokens.device)
+                proj = []
             sq[:, s0:s1] = _norms(images, sel.keep, sel.fuse, total[:, s0:s1], config.mm_dtype, ws, proj)
             runs.append((s0, s1, proj))
         a, b = t0 - run[0], t1 - run[0]
@@ -678,17 +683,18 @@ def _pair_forward(
 
 def _norms(
     images: _Images, keep: Tensor, fuse: Tensor, total: Tensor, mm_dtype: torch.dtype, ws: _Workspace | None,
-    proj: Tensor | None = None,
+    proj: list[Tensor] | None = None,
 ) -> Tensor:
     """Squared norms of the aggregated tokens and the fusion token, ``(V, T, M + 1)`` (the fusion
     token's last), for keep and fusion weights (V, T, N) and softmax totals ``Z = keep E`` (V, T, M).
 
     ``||A||^2 = w G w^T`` with the aggregated tokens' weights ``w = E * keep / Z`` (normalised
     before the product: ``E`` may be as small as ``exp(-LOGIT_FLOOR)``, its square underflows), and
-    likewise for the fusion weights: per image, the rows of all T captions (:func:`_rows`) times
-    ``G``, one product as large as the captions allow. With ``proj`` (V, T * (M + 1), N) the
-    products ``w G`` are kept there for backward. Images go one at a time on CPU (the rows stay in
-    cache from one step to the next), a few at a time elsewhere (:func:`_image_step`).
+    likewise for the fusion weights: per image, ``G`` times the rows of all T captions
+    (:func:`_rows`), one product as large as the captions allow. With a list ``proj`` the products
+    ``G w^T`` are appended to it for backward, (V_c, N, (M + 1) * T) for each chunk of V_c images.
+    Images go one at a time on CPU (the rows stay in cache from one step to the next), a few at a
+    time elsewhere (:func:`_image_step`).
     """
     n_img, n_cap, n_patch = keep.shape
     n_aggr = images.weights.shape[2]
@@ -699,49 +705,56 @@ def _norms(
     for v0 in range(0, n_img, step):
         v1 = min(v0 + step, n_img)
         rows = _rows(images.weights_t[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
-                     _new(ws, "rows", (v1 - v0, n_cap, n_aggr + 1, n_patch), real, device)).flatten(1, 2)
-        kept = None if proj is None or mm_dtype != real else proj[v0:v1]
-        # G is symmetric: w G = w G^T
-        part = bmm_nt(rows.to(mm_dtype), images.gram[v0:v1].to(mm_dtype),
-                      out=kept if kept is not None else _new(ws, "proj", rows.shape, mm_dtype, device)).to(real)
-        if proj is not None and kept is None:
-            proj[v0:v1] = part
-        sq[v0:v1] = _rowdot(part, rows).view(v1 - v0, n_cap, n_aggr + 1)
+                     _new(ws, "rows", (v1 - v0, n_aggr + 1, n_cap, n_patch), real, device)).flatten(1, 2)
+        # G is symmetric: G w^T = (w G)^T, patch-major as backward wants it
+        part = bmm_nt(images.gram[v0:v1].to(mm_dtype), rows.to(mm_dtype)).to(real)
+        if proj is not None:
+            proj.append(part)
+        # w G w^T = sum_n (G w^T) w^T, with w^T built patch-major (cheaper than reading G w^T transposed)
+        rows_t = _rows_t(images.weights[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
+                         _new(ws, "rows_t", (v1 - v0, n_patch, n_aggr + 1, n_cap), real, device))
+        prod = torch.mul(part, rows_t.view(part.shape), out=_new(ws, "proj_rows", part.shape, real, device))
+        sq[v0:v1] = prod.sum(1).view(v1 - v0, n_aggr + 1, n_cap).transpose(1, 2)
     return sq
 
 
 def _norms_backward(
     images: _Images, keep: Tensor, fuse: Tensor, total: Tensor, d_sq: Tensor, mm_dtype: torch.dtype,
-    d_gram: Tensor, ws: _Workspace | None, proj: Tensor | None = None,
+    d_gram: Tensor, ws: _Workspace | None, proj: list[Tensor] | None = None,
 ) -> Tensor:
     """Backward of :func:`_norms` for V images and T captions: given ``d loss / d sq`` (V, T, M + 1),
-    adds the Gram matrices' gradient (up to an antisymmetric part) to ``d_gram`` (V, N, N) and
-    returns the weights' (V, N, M) (through the squared norms only; ``Z`` is held fixed). ``proj``
-    are :func:`_norms`' products, recomputed when not given. Images go as in :func:`_norms`.
+    adds the Gram matrices' gradient to ``d_gram`` (V, N, N) and returns the weights' (V, N, M)
+    (through the squared norms only; ``Z`` is held fixed). ``proj`` are :func:`_norms`' products,
+    recomputed when not given. Images go as in :func:`_norms`; everything is patch-major here, so
+    that the Gram gradient is one product ``a @ b^T`` of contiguous rows per image.
     """
     n_img, n_cap, n_patch = keep.shape
     n_aggr = images.weights.shape[2]
     real, device = images.gram.dtype, keep.device
     n_rows = n_cap * (n_aggr + 1)
-    d_w_t = torch.empty_like(images.weights_t)
+    d_w = torch.empty_like(images.weights)
     step = _image_step(n_rows * n_patch * real.itemsize, device)
-    for v0 in range(0, n_img, step):
+    for chunk, v0 in enumerate(range(0, n_img, step)):
         v1 = min(v0 + step, n_img)
-        rows = _rows(images.weights_t[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
-                     _new(ws, "rows", (v1 - v0, n_cap, n_aggr + 1, n_patch), real, device))
-        flat = rows.view(v1 - v0, n_rows, n_patch)
+        n = v1 - v0
         if proj is None:
-            part = bmm_nt(flat.to(mm_dtype), images.gram[v0:v1].to(mm_dtype),
-                          out=_new(ws, "proj", flat.shape, mm_dtype, device)).to(real)
+            rows = _rows(images.weights_t[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
+                         _new(ws, "rows", (n, n_aggr + 1, n_cap, n_patch), real, device)).flatten(1, 2)
+            part = bmm_nt(images.gram[v0:v1].to(mm_dtype), rows.to(mm_dtype)).to(real)
         else:
-            part = proj[v0:v1]
-        scaled = torch.mul(rows, d_sq[v0:v1].unsqueeze(-1), out=_new(ws, "scaled", rows.shape, real, device))
-        # d sq / d w = 2 w G; through w = E keep / Z: d E = 2 d_sq (w G) keep / Z = 2 (w G) scaled / E.
-        prod = torch.mul(part.view(rows.shape)[:, :, :n_aggr], scaled[:, :, :n_aggr],
-                         out=_new(ws, "proj_scaled", (v1 - v0, n_cap, n_aggr, n_patch), real, device))
-        torch.sum(prod, dim=1, out=d_w_t[v0:v1])
-        _half_outer(scaled.view(v1 - v0, n_rows, n_patch), flat, mm_dtype, d_gram[v0:v1])
-    return d_w_t.mul_(2.0).div_(images.weights_t).transpose(1, 2)
+            part = proj[chunk]
+        rows_t = _rows_t(images.weights[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
+                         _new(ws, "rows_t", (n, n_patch, n_aggr + 1, n_cap), real, device))
+        scaled = torch.mul(rows_t, d_sq[v0:v1].transpose(1, 2).unsqueeze(1),
+                           out=_new(ws, "scaled", rows_t.shape, real, device))
+        # d sq / d w = 2 G w^T; through w = E keep / Z: d E = 2 d_sq (G w^T) keep / Z = 2 (G w^T) scaled / E.
+        prod = torch.mul(part.view(rows_t.shape)[:, :, :n_aggr], scaled[:, :, :n_aggr],
+                         out=_new(ws, "proj_scaled", (n, n_patch, n_aggr, n_cap), real, device))
+        torch.sum(prod, dim=-1, out=d_w[v0:v1])
+        # d sq / d G = w^T w: the scaled rows' outer products
+        d_gram[v0:v1] += bmm_nt(scaled.view(n, n_patch, n_rows).to(mm_dtype),
+                                rows_t.view(n, n_patch, n_rows).to(mm_dtype)).to(real)
+    return d_w.mul_(2.0).div_(images.weights)
 
 
 def _image_step(image_bytes: int, device: torch.device) -> int:
@@ -769,48 +782,27 @@ def _fusion_dots(fuse: Tensor, dots: Tensor, group: int = 16) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot products of ``(..., R, N)`` tensors, as one batched GEMM (no temporary)."""
-    n = a.shape[-1]
-    return torch.matmul(a.reshape(-1, 1, n), b.reshape(-1, n, 1)).view(a.shape[:-1])
-
-
-def _half_outer(x: Tensor, y: Tensor, mm_dtype: torch.dtype, out: Tensor) -> None:
-    """For ``x``, ``y`` (V, R, N) whose ``x^T y`` is symmetric, add to ``out`` (V, N, N) a ``D`` with
-    ``D + D^T = 2 x^T y``.
-
-    Gradients of the Gram matrix only enter the patches' gradient symmetrised, ``(dG + dG^T) P``,
-    so the upper block triangle ``[[x1^T y1, 2 x1^T y2], [0, x2^T y2]]`` does: 3/4 of the
-    multiply-adds.
-    """
-    half = x.shape[-1] // 2
-    real = x.dtype
-    # transposed factors: torch's kernels take them as they are (oneDNN would need copies, which
-    # cost what its faster kernel saves at these sizes)
-    top = torch.bmm(x[..., :half].transpose(1, 2).to(mm_dtype), y.to(mm_dtype)).to(real)  # x1^T [y1, y2]
-    top[..., half:].mul_(2.0)
-    out[:, :half] += top
-    out[:, half:, half:] += torch.bmm(x[..., half:].transpose(1, 2).to(mm_dtype), y[..., half:].to(mm_dtype)).to(real)
-
-
-def _softmax_weights(w_t: Tensor, keep: Tensor, total: Tensor, out: Tensor | None = None) -> Tensor:
-    """Aggregation weights ``E^T * keep / Z``: (V, M, N), (V, T, N), (V, T, M) -> (V, T, M, N)."""
-    if out is None:
-        out = torch.empty((w_t.shape[0], keep.shape[1], w_t.shape[1], w_t.shape[2]), dtype=w_t.dtype,
-                          device=w_t.device)
-    torch.mul(w_t.unsqueeze(1), keep.unsqueeze(2), out=out)
-    return out.div_(total.unsqueeze(-1))
-
-
 def _rows(w_t: Tensor, keep: Tensor, fuse: Tensor, total: Tensor, out: Tensor) -> Tensor:
-    """The rows of the norms' quadratic forms for V images and T captions: ``out`` (V, T, M + 1, N)
-    gets the aggregation weights ``E * keep / Z`` in ``[:, :, :M]`` and the fusion weights in
-    ``[:, :, M]``, from ``E^T`` ``w_t`` (V, M, N), keep and fuse (V, T, N) and ``Z`` (V, T, M)."""
+    """The rows of the norms' quadratic forms for V images and T captions: ``out`` (V, M + 1, T, N)
+    gets the aggregation weights ``E * keep / Z`` in ``[:, :M]`` and the fusion weights in
+    ``[:, M]``, from ``E^T`` ``w_t`` (V, M, N), keep and fuse (V, T, N) and ``Z`` (V, T, M)."""
     n_aggr = w_t.shape[1]
+    agg = out[:, :n_aggr]
+    torch.mul(w_t.unsqueeze(2), keep.unsqueeze(1), out=agg)
+    agg.div_(total.transpose(1, 2).unsqueeze(-1))
+    out[:, n_aggr] = fuse
+    return out
+
+
+def _rows_t(weights: Tensor, keep: Tensor, fuse: Tensor, total: Tensor, out: Tensor) -> Tensor:
+    """:func:`_rows` patch-major: ``out`` (V, N, M + 1, T), from ``E`` ``weights`` (V, N, M), keep
+    and fuse (V, T, N) and ``Z`` (V, T, M)."""
+    n_aggr = weights.shape[2]
     agg = out[:, :, :n_aggr]
-    torch.mul(w_t.unsqueeze(1), keep.unsqueeze(2), out=agg)
-    agg.div_(total.unsqueeze(-1))
-    out[:, :, n_aggr] = fuse
+    # the small factors transposed contiguous, so that the broadcasts run along T
+    torch.mul(weights.unsqueeze(-1), keep.transpose(1, 2).contiguous().unsqueeze(2), out=agg)
+    agg.div_(total.transpose(1, 2).contiguous().unsqueeze(1))
+    out[:, :, n_aggr] = fuse.transpose(1, 2)
     return out
 
 
@@ -1023,7 +1015,7 @@ class _PairScores(torch.autograd.Function):
                         n_cols = (t1 - t0) * width
                         acc.words[t0:t1, :width] += d_words[col : col + n_cols].view(t1 - t0, width, dim)
                         col += n_cols
-            # the norms, a run of captions at a time as in forward (with its products w G when kept)
+            # the norms, a run of captions at a time as in forward (with its products G w^T when kept)
             for s0, s1, proj in state["runs"]:
                 if bool(nonzero[:, s0:s1].any()):
                     acc.weights += _norms_backward(images, keep_s[:, s0:s1], fuse_s[:, s0:s1], total_s[:, s0:s1],
