@@ -733,6 +733,7 @@ def _norms_backward(
     real, device = images.gram.dtype, keep.device
     n_rows = n_cap * (n_aggr + 1)
     d_w = torch.empty_like(images.weights)
+    d_sq_t = d_sq.transpose(1, 2).contiguous()  # (V, M + 1, T): broadcast along T below
     step = _image_step(n_rows * n_patch * real.itemsize, device)
     for chunk, v0 in enumerate(range(0, n_img, step)):
         v1 = min(v0 + step, n_img)
@@ -745,7 +746,7 @@ def _norms_backward(
             part = proj[chunk]
         rows_t = _rows_t(images.weights[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
                          _new(ws, "rows_t", (n, n_patch, n_aggr + 1, n_cap), real, device))
-        scaled = torch.mul(rows_t, d_sq[v0:v1].transpose(1, 2).unsqueeze(1),
+        scaled = torch.mul(rows_t, d_sq_t[v0:v1].unsqueeze(1),
                            out=_new(ws, "scaled", rows_t.shape, real, device))
         # d sq / d w = 2 G w^T; through w = E keep / Z: d E = 2 d_sq (G w^T) keep / Z = 2 (G w^T) scaled / E.
         prod = torch.mul(part.view(rows_t.shape)[:, :, :n_aggr], scaled[:, :, :n_aggr],
