@@ -308,7 +308,8 @@ class LAPSHead(nn.Module):
         the cosine of each patch with the patches' mean; ``gram`` (B_v, N, N) ``P P^T``;
         ``weights`` (B_v, N, M), the aggregation logits exponentiated after subtracting their
         per-image column maximum; ``cls_norm`` (B_v, R_c), the [CLS] norm (R_c = 1 with a [CLS]
-        token, else 0). All but ``tokens`` are fp32 (float64 for float64 inputs).
+        token, else 0). All but ``tokens`` are fp32 (float64 for float64 inputs). ``gram`` and
+        ``cls_norm`` carry no graph: :meth:`score_prepared` adds their gradients to the tokens'.
         """
         n_cls = int(self.has_cls)
         patches = img_embs[:, n_cls:]
@@ -546,9 +547,10 @@ def _score_blocks(
     need_sel = save or config.return_mask
     keep_all = tokens.new_empty(n_img, n_cap, n_patch, dtype=real) if need_sel else None
     fuse_all = tokens.new_empty(n_img, n_cap, n_patch, dtype=real) if save else None
-    # softmax totals Z and squared norms of the aggregated and fusion tokens, (V, T, M + 1) each
-    total = tokens.new_empty(n_img, n_cap, n_aggr, dtype=real)
-    sq = tokens.new_empty(n_img, n_cap, n_aggr + 1, dtype=real)
+    # softmax totals Z (V, T, M) and squared norms of the aggregated and fusion tokens (V, T, M + 1):
+    # of every pair for backward, else of a run of captions at a time
+    total_all = tokens.new_empty(n_img, n_cap, n_aggr, dtype=real) if save else None
+    sq_all = tokens.new_empty(n_img, n_cap, n_aggr + 1, dtype=real) if save else None
     plan, caches, runs, saved = [], [], [], 0
     ws = _Workspace()
     blocks = _plan_blocks(n_img, n_cap, config.block_pairs, tokens.device.type)
@@ -566,14 +568,16 @@ def _score_blocks(
                 keep_all[:, s0:s1] = sel.keep
             if fuse_all is not None:
                 fuse_all[:, s0:s1] = sel.fuse
-            total[:, s0:s1] = torch.bmm(sel.keep, images.weights)
+            total = torch.bmm(sel.keep, images.weights)
             size = _proj_bytes(n_img, s1 - s0, n_aggr, n_patch, real)
             proj = None
             if save and saved + size <= config.max_saved_bytes:
                 saved += size
                 proj = []
-            sq[:, s0:s1] = _norms(images, sel.keep, sel.fuse, total[:, s0:s1], config.mm_dtype, ws, proj)
-            runs.append((s0, s1, proj))
+            sq = _norms(images, sel.keep, sel.fuse, total, config.mm_dtype, ws, proj)
+            if save:
+                total_all[:, s0:s1], sq_all[:, s0:s1] = total, sq
+                runs.append((s0, s1, proj))
         a, b = t0 - run[0], t1 - run[0]
         width = max(widths[t0:t1])
         size = _cache_bytes(v1 - v0, n_tok, t1 - t0, width, n_aggr, config.mm_dtype, real)
@@ -581,7 +585,7 @@ def _score_blocks(
         saved += size if keep_cache else 0
         out, cache = _pair_forward(
             images.take(slice(v0, v1)), words_s[t0:t1, :width], sel.keep[v0:v1, a:b], sel.fuse[v0:v1, a:b],
-            lens_s[t0:t1], config.n_cls, config.mm_dtype, (total[v0:v1, t0:t1], sq[v0:v1, t0:t1]),
+            lens_s[t0:t1], config.n_cls, config.mm_dtype, (total[v0:v1, a:b], sq[v0:v1, a:b]),
             ws=None if keep_cache else ws, for_backward=keep_cache,
         )
         sims[v0:v1, t0:t1] = out
@@ -593,7 +597,7 @@ def _score_blocks(
     state = None
     if save:
         state = {"plan": plan, "caches": caches, "runs": runs, "order": order, "lens_s": lens_s, "words_s": words_s,
-                 "keep_s": keep_all, "fuse_s": fuse_all, "total_s": total, "sq_s": sq}
+                 "keep_s": keep_all, "fuse_s": fuse_all, "total_s": total_all, "sq_s": sq_all}
     return sims, mask, state
 
 
