@@ -232,21 +232,61 @@ def test_gpu_block_plan_matches_reference(kind: str, monkeypatch: pytest.MonkeyP
     assert planned and all(p == [(0, img.shape[0], 0, cap.shape[0])] for p in planned)  # one block, as planned
 
 
-@pytest.mark.parametrize("kind", ["dense", "sparse", "image-range-without-gradient"])
-def test_split_gathers_and_image_chunks_match_reference(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("kind", "settings"),
+    [
+        ("dense", {}),
+        ("sparse", {}),
+        ("image-range-without-gradient", {}),
+        ("dense", {"chunk_pairs": 16}),  # image ranges of two images
+        ("dense", {"max_saved_mb": 0.0}),  # blocks and the norms' products recomputed in backward
+    ],
+)
+def test_split_gathers_and_image_chunks_match_reference(kind: str, settings: dict,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Backward with every block's word-token gradients in products of their own (a gather budget of
     one byte: an image range's token gradient is written by its first block, added to by the next),
-    the norms three images at a time (as on a GPU) and, last, image ranges whose pairs carry no
-    gradient (their blocks are skipped; their tokens' gradient is zero)."""
+    the norms three images at a time (as on a GPU) and image ranges whose pairs carry no gradient
+    (their blocks are skipped; their tokens' gradient is zero)."""
     from laps.models import head as head_module
 
     monkeypatch.setitem(head_module.GATHER_BYTES, "cpu", 1)
     monkeypatch.setattr(head_module, "_image_step", lambda _bytes, _device: 3)
     head, img, cap, lens = random_case("vit-like", torch.float64, "cpu")  # blocks of one image, 5 or 4 captions
+    for name, value in settings.items():
+        setattr(head, name, value)
     grad = upstream_grad((img.shape[0], cap.shape[0]), "sparse" if kind == "sparse" else "dense")
     if kind == "image-range-without-gradient":
         grad[2:4] = 0.0  # still the dense path: five of seven images carry a gradient
     compare_to_reference(head, img, cap, lens, grad, 1e-9, {})
+
+
+def test_image_tokens_without_gradient() -> None:
+    """Image features without a gradient (a frozen encoder): the head's parameters and the words
+    still get theirs, the same as the loop's."""
+    head, img, cap, lens = random_case("vit-like", torch.float64, "cpu")
+    grad = upstream_grad((img.shape[0], cap.shape[0]), "dense")
+    results = []
+    for fn in (lambda c: head.similarity(img, c, lens)[0], lambda c: reference_similarity(head, img, c, lens)):
+        c = cap.clone().requires_grad_()
+        head.zero_grad(set_to_none=True)
+        (fn(c) * grad).sum().backward()
+        results.append((c.grad, {k: p.grad.clone() for k, p in head.named_parameters()}))
+    (oc, op), (rc, rp) = results
+    assert rel_err(oc, rc) <= 1e-9
+    for key in rp:
+        if key != ZERO_GRAD_PARAM:
+            assert rel_err(op[key], rp[key]) <= 1e-9, key
+
+
+def test_prepared_gram_with_a_graph_is_refused() -> None:
+    """``gram`` and ``cls_norm`` get their gradients through the tokens: one that carries a graph of
+    its own would lose it silently, so it is refused."""
+    head, img, cap, lens = random_case("vit-like", torch.float32, "cpu")
+    image = head.prepare_images(img.requires_grad_())
+    image["gram"] = image["gram"].clone().requires_grad_()
+    with pytest.raises(ValueError, match="no graph"):
+        head.score_prepared(image, head.prepare_captions(cap, lens))
 
 
 @pytest.mark.parametrize("max_saved_mb", [0.0, 0.01, 1024.0])

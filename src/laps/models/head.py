@@ -25,8 +25,8 @@ longest caption; on CPU blocks stay small enough for the allocator to reuse thei
 backward is hand-written (:class:`_PairScores`): a block's intermediates (and the norms' products
 ``G w^T``) are kept from forward to backward within ``max_saved_mb`` and recomputed beyond it, so
 memory stays bounded; the word-token gradients of an image range's blocks are gathered side by
-side, so that the tokens' and the words' gradients are one GEMM each, and the gradients of ``G``
-and the [CLS] norm are added to the tokens' there. When few pairs carry a gradient (the
+side, so that the tokens' and the words' gradients are one GEMM each, and at the end the gradients
+of ``G`` and the [CLS] norm are added to the tokens'. When few pairs carry a gradient (the
 hardest-negative loss gives about three per image), backward recomputes only those, image by
 image, and the next forward keeps nothing. Selection, softmax
 weights and normalisation run in fp32 (float64 for float64 inputs); under autocast the large
@@ -256,8 +256,10 @@ class LAPSHead(nn.Module):
         """Score outputs of :meth:`prepare_images` against :meth:`prepare_captions`, in blocks of pairs.
 
         Returns ``sims`` ``(B_v, B_t)`` (fp32) and, with ``return_mask``, the keep mask
-        ``(B_v, B_t, N)``. A ``gumbel`` head scores with its own selection (only ``image["tokens"]``
-        is used then).
+        ``(B_v, B_t, N)``. Gradients flow to ``image["tokens"]`` (also through ``gram`` and
+        ``cls_norm``, which must be the ones :meth:`prepare_images` computed from them) and
+        ``image["weights"]``, and to the words. A ``gumbel`` head scores with its own selection
+        (only ``image["tokens"]`` is used then).
         """
         if self.selection == "gumbel":
             return self._gumbel(image["tokens"], caption, return_mask)
@@ -274,8 +276,8 @@ class LAPSHead(nn.Module):
             num_keep=self.num_keep,
             mm_dtype=_matmul_dtype(tokens.device.type, image["gram"].dtype),
             block_pairs=block_pairs(
-                self.chunk_pairs, tokens.device.type, _pair_bytes(tokens.shape[1], words.shape[1], self.num_aggregated,
-                                                                  self.num_patches, image["gram"].dtype)
+                self.chunk_pairs, tokens.device.type,
+                _pair_bytes(tokens.shape[1], words.shape[1], self.num_aggregated, image["gram"].dtype),
             ),
             max_saved_bytes=0 if self._grad_feedback["sparse"] else int(self.max_saved_mb * 2**20),
             feedback=self._grad_feedback,
@@ -283,6 +285,11 @@ class LAPSHead(nn.Module):
         )
         selection = (image["patch_norm"], image["salience"], caption["query"])
         per_image = (image["gram"], image["cls_norm"])
+        if any(t.requires_grad for t in per_image):
+            raise ValueError(
+                "image['gram'] and image['cls_norm'] must carry no graph (as prepare_images returns them): "
+                "the scoring's backward computes their gradients from image['tokens']"
+            )
         if torch.is_grad_enabled() and any(t.requires_grad for t in (tokens, image["weights"], words)):
             sims, mask = _PairScores.apply(tokens, image["weights"], words, *per_image, caption["lens"], *selection,
                                            config)
@@ -309,7 +316,7 @@ class LAPSHead(nn.Module):
         ``weights`` (B_v, N, M), the aggregation logits exponentiated after subtracting their
         per-image column maximum; ``cls_norm`` (B_v, R_c), the [CLS] norm (R_c = 1 with a [CLS]
         token, else 0). All but ``tokens`` are fp32 (float64 for float64 inputs). ``gram`` and
-        ``cls_norm`` carry no graph: :meth:`score_prepared` adds their gradients to the tokens'.
+        ``cls_norm`` carry no graph: the scoring's backward adds their gradients to the tokens'.
         """
         n_cls = int(self.has_cls)
         patches = img_embs[:, n_cls:]
@@ -365,7 +372,7 @@ SELECT_CAPTIONS = 64
 # Bytes of the word-token gradients of several blocks that backward gathers side by side, so that
 # the tokens' and the words' gradients are one wide GEMM each (rather than narrow ones per block).
 GATHER_BYTES = {"cpu": 64 * 2**20}
-DEFAULT_GATHER_BYTES = 1024 * 2**20
+DEFAULT_GATHER_BYTES = DEFAULT_BLOCK_BYTES
 
 
 class _ScoreConfig(NamedTuple):
@@ -390,9 +397,11 @@ def _matmul_dtype(device_type: str, real: torch.dtype) -> torch.dtype:
     return real
 
 
-def _pair_bytes(n_tok: int, n_word: int, n_aggr: int, n_patch: int, real: torch.dtype) -> int:
-    """Bytes per pair of a block's largest temporaries: word-token dots and aggregation weights."""
-    return max(n_tok * n_word, n_aggr * n_patch) * real.itemsize
+def _pair_bytes(n_tok: int, n_word: int, n_aggr: int, real: torch.dtype) -> int:
+    """Bytes per pair of a block's largest temporaries: the word-token dots (or the rows of word
+    scores, with fewer tokens than aggregated rows). The norms' temporaries are per image
+    (:func:`_image_step`), not per pair."""
+    return max(n_tok, n_aggr + 2) * n_word * real.itemsize
 
 
 def block_pairs(chunk_pairs: int | None, device_type: str, pair_bytes: int) -> int:
@@ -1025,11 +1034,10 @@ class _PairScores(torch.autograd.Function):
                 if bool(nonzero[:, s0:s1].any()):
                     acc.weights += _norms_backward(images, keep_s[:, s0:s1], fuse_s[:, s0:s1], total_s[:, s0:s1],
                                                    d_sq_s[:, s0:s1], mm_dtype, acc.gram, ws, proj)
-        d_tokens = acc.token_grad(tokens, config.n_cls)
+        # (the Gram matrices' part is a product per image: skipped when the tokens need no gradient)
+        d_tokens = acc.token_grad(tokens, config.n_cls).to(tokens.dtype) if ctx.needs_input_grad[0] else None
         d_words = torch.empty_like(acc.words).index_copy_(0, order, acc.words)
-        return (
-            d_tokens.to(tokens.dtype), acc.weights, d_words.to(words.dtype), None, None, None, None, None, None, None,
-        )
+        return d_tokens, acc.weights, d_words.to(words.dtype), None, None, None, None, None, None, None
 
 
 class _GradAccumulator:
@@ -1063,7 +1071,7 @@ class _GradAccumulator:
     def add_rows(self, rows: Tensor, slots: Tensor, width: int, grads: tuple[Tensor, ...]) -> None:
         """Add the gradients of a group of images ``rows`` (V_g,) with their captions ``slots`` (V_g, S_g)."""
         d_tok, d_gram, d_w, d_cls, d_words = grads
-        self._zero_unset(0, len(self._unset))
+        self._zero_unset(0, len(self._unset))  # rows come in any order: all written (zero) first
         self.tokens.index_add_(0, rows, d_tok)
         self.gram.index_add_(0, rows, d_gram)
         self.weights.index_add_(0, rows, d_w)
