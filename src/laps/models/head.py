@@ -369,6 +369,11 @@ DEFAULT_BLOCK_BYTES = 256 * 2**20
 CPU_BLOCK_CAPTIONS = 8
 # Captions whose patch selection is computed in one go, against all images of the call.
 SELECT_CAPTIONS = 64
+# Bytes of the rows of the norms' quadratic forms processed at once (images x their captions'
+# rows): on CPU about the L2 cache, so that one image's rows (ViT-B/16, 32 or more captions) stay
+# there from step to step; fewer captions (retrieval) put many images in a step, saving per-call
+# overhead. Elsewhere DEFAULT_BLOCK_BYTES.
+IMAGE_BYTES = {"cpu": 2**20}
 # Bytes of the word-token gradients of several blocks that backward gathers side by side, so that
 # the tokens' and the words' gradients are one wide GEMM each (rather than narrow ones per block).
 GATHER_BYTES = {"cpu": 64 * 2**20}
@@ -706,8 +711,8 @@ def _norms(
     likewise for the fusion weights: per image, ``G`` times the rows of all T captions
     (:func:`_rows`), one product as large as the captions allow. With a list ``proj`` the products
     ``G w^T`` are appended to it for backward, (V_c, N, (M + 1) * T) for each chunk of V_c images.
-    Images go one at a time on CPU (the rows stay in cache from one step to the next), a few at a
-    time elsewhere (:func:`_image_step`).
+    Images go one at a time on CPU when they have many captions (the rows stay in cache from one
+    step to the next), more at a time otherwise and elsewhere (:func:`_image_step`).
     """
     n_img, n_cap, n_patch = keep.shape
     n_aggr = images.weights.shape[2]
@@ -773,10 +778,8 @@ def _norms_backward(
 
 def _image_step(image_bytes: int, device: torch.device) -> int:
     """Images whose rows (``image_bytes`` each) are processed at once by :func:`_norms` and
-    :func:`_norms_backward`: one on CPU, as many as :data:`BLOCK_BYTES` holds elsewhere."""
-    if device.type == "cpu":
-        return 1
-    return max(1, BLOCK_BYTES.get(device.type, DEFAULT_BLOCK_BYTES) // max(image_bytes, 1))
+    :func:`_norms_backward`: as many as :data:`IMAGE_BYTES` holds (at least one)."""
+    return max(1, IMAGE_BYTES.get(device.type, DEFAULT_BLOCK_BYTES) // max(image_bytes, 1))
 
 
 def _fusion_dots(fuse: Tensor, dots: Tensor, group: int = 16) -> Tensor:
