@@ -722,10 +722,7 @@ def _norms(
     step = _image_step(n_rows * n_patch * real.itemsize, device)
     for v0 in range(0, n_img, step):
         v1 = min(v0 + step, n_img)
-        rows = _rows(images.weights_t[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
-                     _new(ws, "rows", (v1 - v0, n_aggr + 1, n_cap, n_patch), real, device)).flatten(1, 2)
-        # G is symmetric: G w^T = (w G)^T, patch-major as backward wants it
-        part = bmm_nt(images.gram[v0:v1].to(mm_dtype), rows.to(mm_dtype)).to(real)
+        part = _products(images, keep, fuse, total, v0, v1, mm_dtype, ws)
         if proj is not None:
             proj.append(part)
         # w G w^T = sum_n (G w^T) w^T, with w^T built patch-major (cheaper than reading G w^T transposed)
@@ -756,12 +753,7 @@ def _norms_backward(
     for chunk, v0 in enumerate(range(0, n_img, step)):
         v1 = min(v0 + step, n_img)
         n = v1 - v0
-        if proj is None:
-            rows = _rows(images.weights_t[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
-                         _new(ws, "rows", (n, n_aggr + 1, n_cap, n_patch), real, device)).flatten(1, 2)
-            part = bmm_nt(images.gram[v0:v1].to(mm_dtype), rows.to(mm_dtype)).to(real)
-        else:
-            part = proj[chunk]
+        part = _products(images, keep, fuse, total, v0, v1, mm_dtype, ws) if proj is None else proj[chunk]
         rows_t = _rows_t(images.weights[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
                          _new(ws, "rows_t", (n, n_patch, n_aggr + 1, n_cap), real, device))
         scaled = torch.mul(rows_t, d_sq_t[v0:v1].unsqueeze(1),
@@ -774,6 +766,19 @@ def _norms_backward(
         d_gram[v0:v1] += bmm_nt(scaled.view(n, n_patch, n_rows).to(mm_dtype),
                                 rows_t.view(n, n_patch, n_rows).to(mm_dtype)).to(real)
     return d_w.mul_(2.0).div_(images.weights)
+
+
+def _products(
+    images: _Images, keep: Tensor, fuse: Tensor, total: Tensor, v0: int, v1: int, mm_dtype: torch.dtype,
+    ws: _Workspace | None,
+) -> Tensor:
+    """``G w^T`` (v1 - v0, N, (M + 1) * T) of the images ``v0:v1``, with their rows ``w`` from :func:`_rows`
+    (patch-major, as :func:`_norms_backward` wants it; ``G`` is symmetric: ``G w^T = (w G)^T``)."""
+    n_cap, n_patch = keep.shape[1], keep.shape[2]
+    real = images.gram.dtype
+    rows = _rows(images.weights_t[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
+                 _new(ws, "rows", (v1 - v0, total.shape[2] + 1, n_cap, n_patch), real, keep.device))
+    return bmm_nt(images.gram[v0:v1].to(mm_dtype), rows.flatten(1, 2).to(mm_dtype)).to(real)
 
 
 def _image_step(image_bytes: int, device: torch.device) -> int:
@@ -990,7 +995,7 @@ class _PairScores(torch.autograd.Function):
                 d_gram = gram.new_zeros(n_rows, n_patch, n_patch)
                 d_w += _norms_backward(group, keep_g, fuse_g, total_g, d_sq, mm_dtype, d_gram, ws)
                 d_tok, d_words = _token_word_grads(
-                    d_dots.view(n_rows, n_tok, n_slots * width), tokens[rows].detach().to(mm_dtype),
+                    d_dots.view(n_rows, n_tok, n_slots * width), group.tokens.detach().to(mm_dtype),
                     words_g.to(mm_dtype).reshape(n_rows, n_slots * width, dim), real,
                 )
                 acc.add_rows(rows, slots, width, (d_tok, d_gram, d_w, d_cls, d_words.view(n_rows, n_slots, width, dim)))
@@ -1000,7 +1005,8 @@ class _PairScores(torch.autograd.Function):
             use_t = onednn_for(device, mm_dtype)
             budget = GATHER_BYTES.get(device.type, DEFAULT_GATHER_BYTES)
             for (v0, v1), blocks in _image_ranges(state["plan"], state["caches"], nonzero):
-                tok = tokens[v0:v1].detach().to(mm_dtype)
+                block_images = images.take(slice(v0, v1))
+                tok = block_images.tokens.detach().to(mm_dtype)
                 tokens_t = tok.flatten(0, 1).t().contiguous() if use_t else None
                 for group in _column_groups(blocks, (v1 - v0) * n_tok * mm_dtype.itemsize, budget):
                     # the blocks' word-token gradients side by side: the tokens' and the words' gradients
@@ -1011,7 +1017,7 @@ class _PairScores(torch.autograd.Function):
                     col = 0
                     for t0, t1, width, cache in group:
                         args = (
-                            images.take(slice(v0, v1)), words_s[t0:t1, :width], keep_s[v0:v1, t0:t1],
+                            block_images, words_s[t0:t1, :width], keep_s[v0:v1, t0:t1],
                             fuse_s[v0:v1, t0:t1], lens_s[t0:t1], config.n_cls, mm_dtype,
                         )
                         if cache is None:
