@@ -37,20 +37,16 @@ import torch
 from torch import Tensor
 
 from laps.inference import resolve_device, synchronize
+from laps.models.backbones import get_backbone
 from laps.models.gemm import cpu_backend, set_cpu_backend
 
 log = logging.getLogger("laps")
 
-# Backbone presets of the official recipes (``LAPS.md``): base config name, head shapes, ratios.
-BACKBONES: dict[str, dict[str, Any]] = {
-    "vit": {"vision": "google/vit-base-patch16-224-in21k", "tokens": 197, "has_cls": True,
-            "sparse_ratio": 0.5, "aggr_ratio": 0.4, "image_size": 224},
-    "swin": {"vision": "microsoft/swin-base-patch4-window7-224", "tokens": 49, "has_cls": False,
-             "sparse_ratio": 0.8, "aggr_ratio": 0.6, "image_size": 224},
-    "vit_384": {"vision": "google/vit-base-patch16-384", "tokens": 577, "has_cls": True,
-                "sparse_ratio": 0.5, "aggr_ratio": 0.4, "image_size": 384},
+BACKBONES: dict[str, dict[str, Any]] = {  # --train-step / --backbone presets, from the backbone list
+    name: {"vision": spec.vision_id, "tokens": spec.num_tokens, "has_cls": spec.has_cls,
+           "sparse_ratio": spec.sparse_ratio, "aggr_ratio": spec.aggr_ratio, "image_size": spec.image_size}
+    for name, spec in ((n, get_backbone(n)) for n in ("vit", "swin", "vit_384"))
 }
-TEXT_BACKBONE = "bert-base-uncased"
 # Caption lengths of the F30K 1K test split (5,000 captions): tokens from BERT's basic tokenizer
 # plus [CLS] and [SEP], counts for lengths 4, 5, ..., 32 (longer ones counted at 32). Mean 15.5.
 F30K_LENGTHS = (4, [2, 2, 10, 28, 111, 237, 329, 437, 442, 471, 435, 396, 382, 330, 268, 194, 185, 133,
@@ -303,14 +299,14 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def bench_train_step(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """A full training step (random-weight encoders, head, loss, AdamW) at ``batch``; pairs/s."""
     from laps.losses import contrastive_loss, ratio_loss
-    from laps.models import HFVisionEncoder, LAPSModel, TextEncoder
+    from laps.models import create_model
 
     preset = BACKBONES[args.train_step]
-    vision = HFVisionEncoder(preset["vision"], args.dim, pretrained=False,
-                             config_overrides=_overrides(args.vision_override) or None)
-    text = TextEncoder(TEXT_BACKBONE, args.dim, pretrained=False,
-                       config_overrides=_overrides(args.text_override) or None)
-    model = LAPSModel(vision, text, args.sparse_ratio, args.aggr_ratio, args.chunk_pairs).to(device).train()
+    model = create_model(args.train_step, embed_size=args.dim, pretrained=False,
+                         vision_overrides=_overrides(args.vision_override),
+                         text_overrides=_overrides(args.text_override), sparse_ratio=args.sparse_ratio,
+                         aggr_ratio=args.aggr_ratio, chunk_pairs=args.chunk_pairs).to(device).train()
+    vision, text = model.vision, model.text
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
     size = vision.image_size
@@ -346,7 +342,7 @@ def bench_train_step(args: argparse.Namespace, device: torch.device) -> dict[str
         times.append(time.perf_counter() - start)
     best = min(times)
     out = {
-        "backbone": args.train_step, "vision": preset["vision"], "text": TEXT_BACKBONE, "batch": args.batch,
+        "backbone": args.train_step, "vision": preset["vision"], "text": get_backbone(args.train_step).text_id, "batch": args.batch,
         "image_size": size, "num_patches": vision.num_patches, "amp": "bf16" if amp else "off",
         "step_s": best, "mean_step_s": sum(times) / len(times),
         "pairs_per_s": args.batch**2 / best, "images_per_s": args.batch / best,

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from laps.cli.common import register_resolvers
+from laps.models.backbones import TEXT_ENCODER, backbone_for_vision
 from laps.paths import config_dir
 
 log = logging.getLogger("laps")
@@ -19,11 +20,10 @@ log = logging.getLogger("laps")
 
 def backbone_option(vision_name: str) -> str:
     """The ``backbone`` config option (a file of ``configs/backbone/``) whose vision encoder is ``vision_name``."""
-    folder = Path(config_dir()) / "backbone"
-    for path in sorted(folder.glob("*.yaml")):
-        if OmegaConf.select(OmegaConf.load(path), "vision.name_or_path") == vision_name:
-            return path.stem
-    raise ValueError(f"no backbone config under {folder} uses the vision encoder {vision_name!r}")
+    try:
+        return backbone_for_vision(vision_name).name
+    except KeyError as err:
+        raise ValueError(f"no backbone config uses the vision encoder {vision_name!r} ({err.args[0]})") from None
 
 
 def official_overrides(hparams: dict[str, Any], vision_config: str | None, text_config: str | None,
@@ -36,7 +36,7 @@ def official_overrides(hparams: dict[str, Any], vision_config: str | None, text_
         f"ratios.sparse_ratio={float(hparams['sparse_ratio'])}", f"ratios.aggr_ratio={float(hparams['aggr_ratio'])}",
         f"model.margin={float(hparams.get('margin', 0.2))}", f"model.ratio_weight={float(hparams.get('ratio_weight', 2.0))}",
         f"backbone.text.vocab_size={vocab_size}",
-        f"dataset.tokenizer={tokenizer or 'bert-base-uncased'}",
+        f"dataset.tokenizer={tokenizer or TEXT_ENCODER}",
     ]
     if vision_config:
         out.append(f"backbone.vision.name_or_path={Path(vision_config).resolve()}")
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("path", help="official model_best.pth / checkpoint.pth")
     parser.add_argument("--out", required=True, help="laps checkpoint to write")
     parser.add_argument("--vision-config", help="config.json (or its folder) replacing the official vision backbone's")
-    parser.add_argument("--text-config", help="config.json (or its folder) replacing bert-base-uncased's")
-    parser.add_argument("--tokenizer", help="tokenizer hub name or folder (default bert-base-uncased)")
+    parser.add_argument("--text-config", help=f"config.json (or its folder) replacing {TEXT_ENCODER}'s")
+    parser.add_argument("--tokenizer", help=f"tokenizer hub name or folder (default {TEXT_ENCODER})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -37,18 +37,20 @@ from typing import Any
 from torch import Tensor, nn
 
 from laps.compat.serialization import safe_load
+from laps.models.backbones import BACKBONES, HUB_CONFIGS, TEXT_ENCODER
 from laps.models.encoders import HFVisionEncoder, TextEncoder
+from laps.models.factory import create_model
 from laps.models.head import LAPSHead
 from laps.models.laps_model import LAPSModel
 
 log = logging.getLogger(__name__)
 
-OFFICIAL_TEXT_BACKBONE = "bert-base-uncased"
+OFFICIAL_TEXT_BACKBONE = TEXT_ENCODER
+# (opt.vit_type, opt.img_res) of the official release -> hub id, from the backbone list.
 OFFICIAL_VISION_BACKBONES: dict[tuple[str, int], str] = {
-    ("vit", 224): "google/vit-base-patch16-224-in21k",
-    ("vit", 384): "google/vit-base-patch16-384",
-    ("swin", 224): "microsoft/swin-base-patch4-window7-224",
-    ("swin", 384): "microsoft/swin-base-patch4-window12-384",
+    (spec.model_type, spec.image_size): spec.vision_id
+    for spec in BACKBONES.values()
+    if spec.vision_kind == "hf" and spec.vision_id in HUB_CONFIGS
 }
 
 # Official state-dict prefix -> part of the model.
@@ -502,7 +504,8 @@ def build_official_model(
             f"The official run had num_patches={num_patches}, the vision backbone {vision_name!r} "
             f"gives {vision.num_patches}; pass the matching vision_config"
         )
-    return LAPSModel(vision, text, sparse_ratio=hparams["sparse_ratio"], aggr_ratio=hparams["aggr_ratio"])
+    return create_model(vision=vision, text=text, sparse_ratio=hparams["sparse_ratio"],
+                        aggr_ratio=hparams["aggr_ratio"])
 
 
 def load_official_checkpoint(
@@ -516,7 +519,7 @@ def load_official_checkpoint(
         path: the official ``model_best.pth`` (read with ``safe_load``: no code in it runs).
         vision_config: ``config.json`` (or its folder) of the vision backbone; default the
             official one for ``opt.vit_type``/``opt.img_res``.
-        text_config: likewise for the text backbone; default ``bert-base-uncased``.
+        text_config: likewise for the text backbone; default the official text encoder (:data:`laps.models.backbones.TEXT_ENCODER`).
 
     Raises:
         UnsafeCheckpointError: the file needs globals outside the allow-list.

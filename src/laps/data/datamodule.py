@@ -12,6 +12,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
 from laps.data.transforms import build_transform
+from laps.models.backbones import TEXT_ENCODER
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class LAPSDataModule(LightningDataModule):
         test_split: str = "test",
         protocol: str = "f30k",
         image_size: int = 224,
-        tokenizer: str = "bert-base-uncased",
+        tokenizer: str = TEXT_ENCODER,
         max_words: int = 90,
         size_augment: bool = True,
         batch_size: int = 128,

@@ -13,6 +13,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from laps.models.backbones import TEXT_ENCODER
+
 __all__ = ["CaptionTokenizer", "TokenizerUnavailableError", "load_bert_tokenizer"]
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ def load_bert_tokenizer(name_or_path: str | Path, option: str = "dataset.tokeniz
         if not folder.is_dir() or not any((folder / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
             raise TokenizerUnavailableError(
                 f"Tokenizer folder {str(path)!r} does not exist or holds no vocab.txt / tokenizer.json. "
-                f"Set {option}=<a folder with vocab.txt> or a hub name such as bert-base-uncased."
+                f"Set {option}=<a folder with vocab.txt> or a hub name such as {TEXT_ENCODER}."
             )
         try:
             tokenizer = BertTokenizer.from_pretrained(str(folder))
@@ -94,7 +96,7 @@ def _checked(tokenizer: Any, name: str, option: str) -> Any:
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
         raise TokenizerUnavailableError(
             f"The tokenizer loaded from {name!r} has no vocabulary (only {len(tokenizer)} special tokens); "
-            f"set {option}=<a folder holding vocab.txt> or a hub name such as bert-base-uncased."
+            f"set {option}=<a folder holding vocab.txt> or a hub name such as {TEXT_ENCODER}."
         )
     return tokenizer
 
@@ -103,7 +105,7 @@ class CaptionTokenizer:
     """Caption -> token ids ``[CLS] pieces... [SEP]`` with at most ``max_words`` pieces between them.
 
     Args:
-        name_or_path: hub name (``bert-base-uncased``), local folder holding ``vocab.txt``, or that file.
+        name_or_path: hub name (:data:`laps.models.backbones.TEXT_ENCODER`), local folder holding ``vocab.txt``, or that file.
         max_words: word pieces kept per caption, ``[CLS]``/``[SEP]`` excluded; longer captions are
             truncated (counted in ``num_truncated``), never an error.
         augment_prob: probability that a word is changed by the size augmentation.

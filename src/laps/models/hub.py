@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from laps.models.backbones import HUB_CONFIGS
+
 log = logging.getLogger(__name__)
 
-# Architectures of the official backbones, so that random-init models and official
-# checkpoints need no download. Values are transformers config fields.
-BASE_CONFIGS: dict[str, dict[str, Any]] = {
-    "google/vit-base-patch16-224-in21k": {"model_type": "vit"},
-    "google/vit-base-patch16-384": {"model_type": "vit", "image_size": 384},
-    "microsoft/swin-base-patch4-window7-224": {
-        "model_type": "swin",
-        "embed_dim": 128,
-        "depths": [2, 2, 18, 2],
-        "num_heads": [4, 8, 16, 32],
-        "window_size": 7,
-        "image_size": 224,
-    },
-    "microsoft/swin-base-patch4-window12-384": {
-        "model_type": "swin",
-        "embed_dim": 128,
-        "depths": [2, 2, 18, 2],
-        "num_heads": [4, 8, 16, 32],
-        "window_size": 12,
-        "image_size": 384,
-    },
-    "bert-base-uncased": {"model_type": "bert"},
-    "google-bert/bert-base-uncased": {"model_type": "bert"},
-}
+# Architectures of the known hub ids (random init and official checkpoints need no download).
+BASE_CONFIGS: Mapping[str, Mapping[str, Any]] = HUB_CONFIGS
 
 
 class BackboneUnavailableError(RuntimeError):
