@@ -128,4 +128,4 @@ def test_check_data_tokenizer_is_the_text_encoder() -> None:
     from laps.models.backbones import TEXT_ENCODER
 
     cfg = OmegaConf.load(Path(config_dir()) / "check_data.yaml")
-    assert cfg.tokenizer.name_or_path == TEXT_ENCODER
+    assert cfg.backbone.text.name_or_path == TEXT_ENCODER
