@@ -1,13 +1,11 @@
 """What the LAPS head did with an image-caption pair: kept patches, fusion and aggregation weights.
 
-:func:`explain_pair` recomputes the head's math of ``LAPS.md`` (steps 1-8) pair by pair with
-every intermediate formed explicitly (the kept tokens, the softmax weights, the aggregated tokens
-``A``, the fusion token ``f``), using only the head's public attributes (``num_keep``,
-``num_patches``, ``has_cls``) and its ``aggregation`` module. It is meant for inspection and
-pictures (``laps-visualize``), not for scoring many pairs: it holds ``M x N`` weights and
-``M x C`` aggregated tokens per pair. Its ``similarity`` reproduces ``head.similarity`` to float
-precision and its ``keep`` the ``score_mask`` of the head's train-mode ``forward``
-(``tests/test_visualize.py`` checks both).
+:func:`explain_pair` runs the steps of :mod:`laps.models.reference` (the math of
+``docs/algorithm.md`` stated once) caption by caption and keeps every intermediate: the selection
+scores, the kept patches, the fusion and aggregation weights spread back over the ``N`` patches,
+the alignment. It is meant for inspection and pictures (``laps-visualize``), not for scoring many
+pairs. Its ``similarity`` reproduces ``head.similarity`` to float precision and its ``keep`` the
+``score_mask`` of the head's train-mode ``forward`` (``tests/test_visualize.py`` checks both).
 """
 
 from __future__ import annotations
@@ -16,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from laps.models.head import LEAKY_SLOPE, NORM_EPS, LAPSHead
+from laps.models.head import LAPSHead
+from laps.models.reference import aggregate, align, image_rows, relevance, salience, select, split_cls
 
 __all__ = ["explain_pair"]
-
 
 
 @torch.no_grad()
@@ -55,70 +53,43 @@ def explain_pair(head: LAPSHead, img_embs: Tensor, cap_embs: Tensor, cap_lens: T
     if head.selection != "topk":
         raise ValueError(f"explain_pair draws the top-k selection; this head uses selection={head.selection!r}")
     lens = head._check_inputs(img_embs, cap_embs, cap_lens)  # the head's own validation, one place
-    n_cls = int(head.has_cls)
-    n_patch, n_keep = int(head.num_patches), int(head.num_keep)
-
+    n_keep = int(head.num_keep)
     with torch.autocast(img_embs.device.type, enabled=False):
-        tokens = img_embs.float()
-        words = cap_embs.float()
-        patches = tokens[:, n_cls:]  # P (V, N, C), unnormalised
-        n_img, _, dim = patches.shape
-        n_cap, n_word, _ = words.shape
+        tokens, words = img_embs.float(), cap_embs.float()
+        cls_tok, patches, patches_n = split_cls(head, tokens, F.normalize(tokens, dim=-1))
+        words_n = F.normalize(words, dim=-1)
+        sal = salience(patches, patches_n)  # (V, N)
+        dtype = _param_dtype(head)
+        steps = [_explain_caption(head, cls_tok, patches, patches_n, sal, words[t, :n], words_n[t, :n], n_keep,
+                                  dtype, words.shape[1])
+                 for t, n in enumerate(lens.tolist())]
+    out = {key: torch.stack([step[key] for step in steps], dim=1) for key in steps[0]} if steps else {}
+    out["salience"] = sal
+    return out
 
-        # 1-3: salience and text relevance on normalised patches.
-        patches_n = F.normalize(patches, dim=-1, eps=NORM_EPS)
-        glob = F.normalize(patches.mean(dim=1), dim=-1, eps=NORM_EPS)  # (V, C)
-        salience = torch.einsum("vnc,vc->vn", patches_n, glob)
-        valid = torch.arange(n_word, device=words.device)[None, :] < lens[:, None]  # (T, L)
-        query = (words * valid[..., None]).sum(1) / lens[:, None].float()
-        query = F.normalize(query, dim=-1, eps=NORM_EPS)  # (T, C)
-        relevance = torch.einsum("vnc,tc->vtn", patches_n, query)
 
-        # 4: selection.
-        score = salience[:, None, :] + relevance  # (V, T, N)
-        order = torch.sort(score, dim=-1, descending=True).indices
-        kept_idx = order[..., :n_keep]
-        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, kept_idx, True)
-
-        # 5: fusion token of the dropped patches.
-        if n_keep == n_patch:
-            fuse = torch.zeros_like(score)
-        else:
-            fuse = torch.softmax(score.masked_fill(keep, float("-inf")), dim=-1)
-        fused = torch.einsum("vtn,vnc->vtc", fuse, patches)  # (V, T, C)
-
-        # 6: aggregation, a softmax over the kept patches per aggregated token.
-        logits = head.aggregation(patches.to(_param_dtype(head))).float()  # (V, N, M)
-        logits = logits[:, None].expand(n_img, n_cap, n_patch, logits.shape[-1])
-        logits = logits.masked_fill(~keep[..., None], float("-inf"))
-        agg_w = torch.softmax(logits, dim=2).transpose(2, 3).contiguous()  # (V, T, M, N)
-        aggregated = torch.einsum("vtmn,vnc->vtmc", agg_w, patches)  # (V, T, M, C)
-
-        # 7: the image rows [CLS]; A; f, normalised.
-        rows = [aggregated, fused[:, :, None]]
-        if n_cls:
-            rows.insert(0, tokens[:, None, :1].expand(n_img, n_cap, 1, dim))
-        rows_n = F.normalize(torch.cat(rows, dim=2), dim=-1, eps=NORM_EPS)  # (V, T, R, C)
-
-        # 8: patch-word alignment.
-        words_n = F.normalize(words, dim=-1, eps=NORM_EPS)
-        align = F.leaky_relu(torch.einsum("vtrc,tlc->vtrl", rows_n, words_n), LEAKY_SLOPE)
-        t2i = (align.max(dim=2).values * valid).sum(-1) / lens.float()
-        i2t = align.masked_fill(~valid[None, :, None, :], float("-inf")).max(dim=3).values.mean(dim=2)
-        align = align * valid[None, :, None, :]
-
+def _explain_caption(head: LAPSHead, cls_tok: Tensor | None, patches: Tensor, patches_n: Tensor, sal: Tensor,
+                     words: Tensor, words_n: Tensor, n_keep: int, dtype: torch.dtype,
+                     max_len: int) -> dict[str, Tensor]:
+    """One caption's intermediates over the ``V`` images, each without the caption axis."""
+    n_img, n_patch, _ = patches.shape
+    rel = relevance(words, patches_n)
+    score = sal + rel
+    sel = select(patches, score, n_keep)
+    kept_idx, dropped_idx = sel.order[:, :n_keep], sel.order[:, n_keep:]
+    aggregated, weight = aggregate(head, sel.kept.to(dtype))
+    aggregated, weight = aggregated.float(), weight.float()  # (V, M, C), (V, M, K)
+    t2i, i2t, sim = align(image_rows(cls_tok, aggregated, sel.fusion),
+                          words_n.unsqueeze(0).expand(n_img, -1, -1))
+    fuse = torch.zeros_like(score).scatter_(1, dropped_idx, sel.drop_weight)
+    agg_w = weight.new_zeros(n_img, weight.shape[1], n_patch)
+    agg_w.scatter_(2, kept_idx[:, None].expand(-1, weight.shape[1], -1), weight)
+    alignment = sim.new_zeros(n_img, sim.shape[2], max_len)
+    alignment[..., : sim.shape[1]] = sim.transpose(1, 2)
     return {
-        "similarity": t2i + i2t,
-        "t2i": t2i,
-        "i2t": i2t,
-        "salience": salience,
-        "relevance": relevance,
-        "score": score,
-        "kept_indices": kept_idx,
-        "keep": keep,
-        "fuse_weights": fuse,
-        "aggregation_weights": agg_w,
-        "alignment": align,
+        "similarity": (t2i + i2t)[:, 0], "t2i": t2i[:, 0], "i2t": i2t[:, 0], "relevance": rel, "score": score,
+        "kept_indices": kept_idx, "keep": sel.score_mask.bool(), "fuse_weights": fuse,
+        "aggregation_weights": agg_w, "alignment": alignment,
     }
 
 

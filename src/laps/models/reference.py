@@ -1,6 +1,7 @@
-"""A plain per-caption loop of the official LAPS head math: the test oracle and the benchmark baseline.
+"""The LAPS head math stated once, step by step, and a plain per-caption loop of it: the test
+oracle, the benchmark baseline and the basis of :func:`laps.models.explain.explain_pair`.
 
-It is written from the algorithm description (``LAPS.md``), independently of the vectorised
+The steps are those of ``docs/algorithm.md``. It is written independently of the vectorised
 :class:`laps.models.head.LAPSHead`, and keeps the structure of the official release: a Python
 loop over captions, and for each caption the scores of every image, a sort, gathers of the
 kept and dropped patches, the softmax fusion token, the aggregation MLP applied to the
@@ -11,47 +12,86 @@ head's parameters (``aggregation.mlp``, ``aggregation.scale``) and its sizes are
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from laps.models.head import LAPSHead
+from laps.models.head import LEAKY_SLOPE, LAPSHead
 
-__all__ = ["reference_similarity"]
+__all__ = ["Selection", "aggregate", "align", "image_rows", "reference_similarity", "relevance", "salience",
+           "select", "split_cls"]
 
 
-def _select(
-    patches: Tensor, salience: Tensor, relevance: Tensor, num_keep: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Official ``TokenSparse``: kept tokens ``(B_v, K, C)``, fusion token ``(B_v, 1, C)``, mask ``(B_v, N)``."""
+class Selection(NamedTuple):
+    """One caption's selection over ``B_v`` images (official ``TokenSparse``)."""
+
+    kept: Tensor  # (B_v, K, C) the kept patches, by selection score descending
+    fusion: Tensor  # (B_v, 1, C) the softmax-weighted sum of the dropped patches
+    score_mask: Tensor  # (B_v, N) 1 on kept patches
+    order: Tensor  # (B_v, N) long: patch indices by selection score, descending
+    drop_weight: Tensor  # (B_v, N - K) the fusion weights of order[:, K:]
+
+
+def salience(patches: Tensor, patches_n: Tensor) -> Tensor:
+    """Step 1: cosine of each patch with the mean patch, ``(B_v, N)`` (no gradient)."""
+    with torch.no_grad():
+        glob = F.normalize(patches.mean(dim=1, keepdim=True), dim=-1)  # (B_v, 1, C)
+        return (glob * patches_n).sum(dim=-1)
+
+
+def relevance(words: Tensor, patches_n: Tensor) -> Tensor:
+    """Steps 2-3: cosine of each patch with the caption's mean word ``words`` ``(n, C)``, ``(B_v, N)``."""
+    with torch.no_grad():
+        query = F.normalize(words.mean(0, keepdim=True).unsqueeze(0), dim=-1)  # (1, 1, C)
+        return (query * patches_n).sum(dim=-1)
+
+
+def select(patches: Tensor, score: Tensor, num_keep: int) -> Selection:
+    """Steps 4-5: keep the ``num_keep`` top-scoring patches, fuse the rest by a softmax of their scores."""
     dim = patches.shape[-1]
-    score = salience + relevance
-    score_sort, score_index = torch.sort(score, dim=1, descending=True)
-    keep_policy = score_index[:, :num_keep]
+    score_sort, order = torch.sort(score, dim=1, descending=True)
+    keep_policy = order[:, :num_keep]
     score_mask = torch.zeros_like(score).scatter(1, keep_policy, 1)
     kept = torch.gather(patches, 1, keep_policy.unsqueeze(-1).expand(-1, -1, dim))
-    drop_policy = score_index[:, num_keep:]
-    dropped = torch.gather(patches, 1, drop_policy.unsqueeze(-1).expand(-1, -1, dim))
-    drop_weight = F.softmax(score_sort[:, num_keep:], dim=1).unsqueeze(-1)
-    fusion = torch.sum(dropped * drop_weight, dim=1, keepdim=True)
-    return kept, fusion, score_mask
+    dropped = torch.gather(patches, 1, order[:, num_keep:].unsqueeze(-1).expand(-1, -1, dim))
+    drop_weight = F.softmax(score_sort[:, num_keep:], dim=1)
+    fusion = torch.sum(dropped * drop_weight.unsqueeze(-1), dim=1, keepdim=True)
+    return Selection(kept, fusion, score_mask, order, drop_weight)
 
 
-def _aggregate(head: LAPSHead, kept: Tensor) -> Tensor:
-    """Official ``TokenAggregation`` on gathered kept tokens: ``(B_v, K, C)`` -> ``(B_v, M, C)``."""
+def aggregate(head: LAPSHead, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """Step 6, official ``TokenAggregation``: kept ``(B_v, K, C)`` -> aggregated tokens ``(B_v, M, C)``
+    and their softmax weights over the kept patches ``(B_v, M, K)``."""
     weight = head.aggregation.mlp(kept)  # (B_v, K, M)
     weight = weight.transpose(2, 1) * head.aggregation.scale  # (B_v, M, K)
     weight = F.softmax(weight, dim=2)
-    return torch.bmm(weight, kept)
+    return torch.bmm(weight, kept), weight
 
 
-def _align_one_text(img_tokens_n: Tensor, words_n: Tensor) -> Tensor:
-    """Official ``mask_xattn_one_text``: ``(B_v, R, C)`` x ``(B_v, n, C)`` -> ``(B_v, 1)``."""
-    sim = F.leaky_relu(torch.bmm(words_n, img_tokens_n.transpose(1, 2)), negative_slope=0.1)  # (B_v, n, R)
+def image_rows(cls_tok: Tensor | None, aggregated: Tensor, fusion: Tensor) -> Tensor:
+    """Step 7: the normalised rows ``[CLS]`` (if any), the ``M`` aggregated tokens, the fusion token."""
+    tokens = torch.cat([aggregated, fusion], dim=1)
+    if cls_tok is not None:
+        tokens = torch.cat([cls_tok, tokens], dim=1)
+    return F.normalize(tokens, dim=-1)
+
+
+def align(rows_n: Tensor, words_n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Step 8, official ``mask_xattn_one_text``: rows ``(B_v, R, C)`` x words ``(B_v, n, C)`` ->
+    ``t2i`` and ``i2t`` ``(B_v, 1)`` (the score is their sum) and the alignment ``(B_v, n, R)``."""
+    sim = F.leaky_relu(torch.bmm(words_n, rows_n.transpose(1, 2)), negative_slope=LEAKY_SLOPE)
     t2i = sim.max(dim=2)[0].mean(dim=1, keepdim=True)
     i2t = sim.max(dim=1)[0].mean(dim=1, keepdim=True)
-    return t2i + i2t
+    return t2i, i2t, sim
+
+
+def split_cls(head: LAPSHead, img_embs: Tensor, img_n: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The [CLS] token ``(B_v, 1, C)`` (``None`` without one), the patches and the normalised patches."""
+    if head.has_cls:
+        return img_embs[:, :1], img_embs[:, 1:], img_n[:, 1:]
+    return None, img_embs, img_n
 
 
 def reference_similarity(
@@ -76,31 +116,19 @@ def reference_similarity(
     num_keep = math.ceil(head.num_patches * head.sparse_ratio)
     img_n = F.normalize(img_embs, dim=-1)
     cap_n = F.normalize(cap_embs, dim=-1)
-    if head.has_cls:
-        cls_tok, patches, patches_n = img_embs[:, :1], img_embs[:, 1:], img_n[:, 1:]
-    else:
-        cls_tok, patches, patches_n = None, img_embs, img_n
-    with torch.no_grad():
-        glob = F.normalize(patches.mean(dim=1, keepdim=True), dim=-1)  # (B_v, 1, C)
-        salience = (glob * patches_n).sum(dim=-1)  # (B_v, N)
+    cls_tok, patches, patches_n = split_cls(head, img_embs, img_n)
+    sal = salience(patches, patches_n)
 
     n_img = img_embs.shape[0]
     sims, masks = [], []
     for i in range(len(cap_lens)):
         n_word = int(cap_lens[i])
-        cap_i = cap_embs[i, :n_word]
         words_n = cap_n[i, :n_word].unsqueeze(0).repeat(n_img, 1, 1)  # (B_v, n, C)
-        with torch.no_grad():
-            query = F.normalize(cap_i.mean(0, keepdim=True).unsqueeze(0), dim=-1)  # (1, 1, C)
-            relevance = (query * patches_n).sum(dim=-1)  # (B_v, N)
-        kept, fusion, score_mask = _select(patches, salience, relevance, num_keep)
-        aggregated = _aggregate(head, kept)
-        tokens = torch.cat([aggregated, fusion], dim=1)
-        if cls_tok is not None:
-            tokens = torch.cat([cls_tok, tokens], dim=1)
-        tokens = F.normalize(tokens, dim=-1)
-        sims.append(_align_one_text(tokens, words_n))
-        masks.append(score_mask)
+        sel = select(patches, sal + relevance(cap_embs[i, :n_word], patches_n), num_keep)
+        aggregated, _ = aggregate(head, sel.kept)
+        t2i, i2t, _ = align(image_rows(cls_tok, aggregated, sel.fusion), words_n)
+        sims.append(t2i + i2t)
+        masks.append(sel.score_mask)
     sims_t = torch.cat(sims, dim=1) if sims else img_embs.new_zeros(n_img, 0)
     if not return_mask:
         return sims_t
