@@ -1,6 +1,6 @@
 """Losses of the official recipe, and the distributed gathering they need.
 
-``ContrastiveLoss`` is the VSE hinge loss over a (global) batch; ``ratio_loss`` keeps the
+``contrastive_loss`` is the VSE hinge loss over a (global) batch; ``ratio_loss`` keeps the
 fraction of kept patches near ``sparse_ratio``. ``gather_pairs`` collects every rank's pairs
 (embeddings with gradients), so that each rank scores its captions against the global batch.
 """
@@ -11,7 +11,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 
@@ -42,18 +42,6 @@ def contrastive_loss(
     if max_violation:
         return cost_c.max(dim=1).values.sum() + cost_i.max(dim=0).values.sum()
     return cost_c.sum() + cost_i.sum()
-
-
-class ContrastiveLoss(nn.Module):
-    """:func:`contrastive_loss` with a switch to hardest negatives (``max_violation``)."""
-
-    def __init__(self, margin: float = 0.2, max_violation: bool = False) -> None:
-        super().__init__()
-        self.margin = margin
-        self.max_violation = max_violation
-
-    def forward(self, sims: Tensor, img_ids: Tensor) -> Tensor:
-        return contrastive_loss(sims, img_ids, self.margin, self.max_violation)
 
 
 def ratio_loss(score_mask: Tensor, sparse_ratio: float) -> Tensor:

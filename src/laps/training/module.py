@@ -135,8 +135,10 @@ class LAPSLitModule(LightningModule):
             pooled = contrastive_loss(pooled_similarity(img, cap, lens), ids, self.hparams.margin, hardest)
             loss = loss + alpha * self.hparams.pooled_weight * pooled
             self.log("train/pooled_loss", pooled, batch_size=bs)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/contrastive", contrastive, batch_size=bs)
+        # The bar shows the hinge loss itself: train/loss is scaled by the warm-up factor, so it
+        # rises through the warm-up epoch while the model improves.
+        self.log("train/loss", loss, batch_size=bs)
+        self.log("train/contrastive", contrastive, prog_bar=True, batch_size=bs)
         self.log("train/ratio_loss", ratio, batch_size=bs)
         self.log("train/max_violation", float(hardest), batch_size=bs)
         return loss
