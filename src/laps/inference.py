@@ -3,7 +3,7 @@
 :func:`load_for_inference` reads a laps checkpoint (written by ``laps-train`` or
 ``laps-import-official``: ``state_dict`` plus ``laps_config``) with
 :func:`laps.compat.serialization.safe_load`, rebuilds the model exactly as ``laps-eval`` does
-(:func:`laps.cli.train.build_module` on the stored configuration) and loads the weights. The
+(:func:`build_network` on the stored configuration) and loads the weights. The
 backbones are built without downloading pretrained weights (they all come from the checkpoint)
 and without ``torch.compile``. The tokenizer and the image transform are those of the run's
 dataset configuration (``dataset.tokenizer``, ``dataset.max_words``, ``dataset.image_size`` and,
@@ -207,6 +207,16 @@ class InferenceModel:
         return self.model.similarity(img_embs.to(dev).float(), cap_embs.to(dev).float(), cap_lens.to(dev))
 
 
+def build_network(cfg: Any, vocab_size: int):
+    """The run's :class:`laps.models.LAPSModel` alone (``cfg.model.net``, through
+    :func:`laps.models.create_model`), without the LightningModule; a random text model without a set
+    vocabulary gets ``vocab_size``."""
+    import hydra
+
+    extra = {} if cfg.backbone.text.get("vocab_size") else {"text": {"vocab_size": vocab_size}}
+    return hydra.utils.instantiate(cfg.model.net, **extra)
+
+
 def load_for_inference(
     path: str | Path,
     device: str | torch.device | None = "auto",
@@ -226,7 +236,6 @@ def load_for_inference(
         ValueError: the file holds no laps configuration or its weights do not fit it.
         laps.compat.serialization.UnsafeCheckpointError: the file needs globals outside the allow-list.
     """
-    from laps.cli.train import build_module
     from laps.compat.serialization import safe_load
 
     path = Path(path)
@@ -241,15 +250,17 @@ def load_for_inference(
     vocab_key = next((k for k in state if k.endswith(_WORD_EMBEDDINGS)), None)
     if vocab_key is None:
         raise ValueError(f"{path}: no text word embeddings ({_WORD_EMBEDDINGS}) in the state dict")
-    module = build_module(cfg, int(state[vocab_key].shape[0]))
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    model = build_network(cfg, int(state[vocab_key].shape[0]))
+    weights = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    unexpected += [k for k in state if not k.startswith("net.")]
     if missing or unexpected:
         raise ValueError(
             f"{path}: the weights do not fit the stored configuration (missing {missing[:5]}, "
             f"unexpected {unexpected[:5]})"
         )
     dev = resolve_device(device)
-    model = module.net.to(dev).eval()
+    model = model.to(dev).eval()
     data = cfg.dataset
     image_size = int(data.get("image_size") or cfg.backbone.image_size)
     transform = eval_transform(image_size, data.get("image_mean"), data.get("image_std"))

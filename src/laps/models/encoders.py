@@ -134,6 +134,9 @@ class TimmVisionEncoder(VisionEncoder):
         super().__init__(embed_size, projection)
         from laps.models.hub import create_timm_model
 
+        self.model_name = model_name
+        self.model_kwargs = dict(model_kwargs or {})
+
         self.backbone = create_timm_model(
             model_name, pretrained=pretrained, checkpoint_path=checkpoint_path, **(model_kwargs or {})
         )

@@ -6,10 +6,14 @@ from torch import Tensor, nn
 
 from laps.models.encoders import TextEncoder, VisionEncoder
 from laps.models.head import LAPSHead
+from laps.models.pretrained import PretrainedMixin
 
 
-class LAPSModel(nn.Module):
+class LAPSModel(nn.Module, PretrainedMixin):
     """``encode_image``, ``encode_text`` and ``similarity``: the one path for training, evaluation and tools.
+
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (:mod:`laps.models.pretrained`) give
+    it the Hugging Face folder format; build one with :func:`laps.models.create_model`.
 
     Args:
         vision: a :class:`VisionEncoder` projecting to ``embed_size``.
