@@ -85,6 +85,20 @@ class PretrainedMixin(ModelHubMixin, library_name="laps", tags=["image-text-retr
         return ModelCard(text)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any):
+        """The model of a folder or hub id (see :func:`load_folder`); one :class:`PretrainedFormatError`
+        naming the id when it is offline and not cached."""
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except LocalEntryNotFoundError:
+            raise PretrainedFormatError(
+                f"{pretrained_model_name_or_path}: not a folder, and not in the local Hugging Face cache "
+                "(offline, or the hub could not be reached)"
+            ) from None
+
+    @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: Any, force_download: bool,
                          local_files_only: bool, token: Any, **model_kwargs: Any):
         folder = resolve_folder(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
