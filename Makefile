@@ -26,6 +26,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/laps-bench

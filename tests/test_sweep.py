@@ -15,8 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers.common import TINY_WIDTH32
-from laps.cli.sweep import child_argv
 from laps.training.callbacks import collect_sweep, summarize_sweep, swept_keys
+from laps.training.launch import child_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_optuna_search_runs(tmp_path: Path, sweep_data: Path) -> None:
 
 def test_ranks_started_by_a_launcher_share_one_folder(monkeypatch: pytest.MonkeyPatch) -> None:
     """srun/torchrun ranks each run Hydra: they name the folder after their job, not their clock."""
-    from laps.cli.sweep import run_stamp
+    from laps.training.launch import run_stamp
 
     for key in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)

@@ -42,7 +42,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("laps_wandb_offline"):
         OmegaConf.register_new_resolver("laps_wandb_offline", _wandb_offline)
     if not OmegaConf.has_resolver("laps_job_label"):  # a logger run per job: names and sweep groups
-        from laps.cli.sweep import job_label, run_group, run_stamp
+        from laps.training.launch import job_label, run_group, run_stamp
 
         OmegaConf.register_new_resolver("laps_job_label", job_label)
         OmegaConf.register_new_resolver("laps_run_group", run_group)

@@ -11,10 +11,10 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from laps.cli.common import metrics_table, one_line_errors, register_resolvers, validate_config, write_metrics
-from laps.cli.sweep import hydra_job
 from laps.models.hub import check_pretrained_available
 from laps.paths import config_dir
 from laps.training.callbacks import finish_loggers
+from laps.training.launch import hydra_job
 
 log = logging.getLogger("laps")
 

@@ -155,7 +155,7 @@ class SweepSummary(Callback):
         self.sort_by = sort_by
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from laps.cli.sweep import global_rank_from_env
+        from laps.training.launch import global_rank_from_env
 
         if global_rank_from_env() != 0:  # torchrun/SLURM: every rank ran the sweep; one writes the summary
             return
@@ -217,8 +217,8 @@ def finish_loggers(loggers: Iterable[Any], metrics: dict[str, float]) -> None:
 
     Only runs that exist are touched (rank 0; other ranks' loggers have none).
     """
-    from laps.cli.sweep import finish_wandb
     from laps.metrics import metrics_rows
+    from laps.training.launch import finish_wandb
 
     for lg in loggers:
         run = getattr(lg, "_experiment", None)

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its callbacks, checkpoints and the launcher glue (Hydra sweeps, DDP, wandb)."""
