@@ -169,3 +169,22 @@ def test_push_to_hub_uploads_the_folder(exported, monkeypatch) -> None:
     model.push_to_hub("someone/laps-tiny")
     assert seen["repo"] == "someone/laps-tiny"
     assert {"config.json", "model.safetensors", "README.md", "text/config.json"} <= set(seen["files"])
+
+
+def test_load_for_inference_takes_the_folder(exported) -> None:
+    """The folder gives the checkpoint's tokenizer, transform and similarities (laps-retrieve and
+    laps-visualize load through load_for_inference)."""
+    from PIL import Image
+
+    ckpt, out = exported
+    from_ckpt, from_dir = load_for_inference(ckpt, device="cpu"), load_for_inference(out, device="cpu")
+    captions = ["a small red circle left of a big blue square", "two stars"]
+    ids_a, lens_a = from_ckpt.tokenize(captions)
+    ids_b, lens_b = from_dir.tokenize(captions)
+    assert torch.equal(ids_a, ids_b) and torch.equal(lens_a, lens_b)
+    size = from_ckpt.image_size
+    picture = Image.new("RGB", (size + 5, size), (200, 30, 30))
+    assert torch.equal(from_ckpt.load_image(picture), from_dir.load_image(picture))
+    img_a, img_b = from_ckpt.encode_images([picture]), from_dir.encode_images([picture])
+    cap_a, cap_b = from_ckpt.encode_captions(captions), from_dir.encode_captions(captions)
+    assert torch.equal(from_ckpt.similarity(img_a, *cap_a), from_dir.similarity(img_b, *cap_b))

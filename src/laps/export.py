@@ -82,6 +82,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
             "image_std": OmegaConf.to_object(data.image_std) if data.get("image_std") else None,
             "protocol": data.get("protocol"),
         }
+        config["training"] = {"pooled_weight": float(loaded.config.model.get("pooled_weight", 0.0) or 0.0)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if out.exists():
             shutil.rmtree(out)

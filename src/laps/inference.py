@@ -226,7 +226,8 @@ def load_for_inference(
     """Rebuild the model of a laps checkpoint and load its weights, for inference.
 
     Args:
-        path: a checkpoint with ``state_dict`` and ``laps_config`` (``laps-train``, ``laps-import-official``).
+        path: a checkpoint with ``state_dict`` and ``laps_config`` (``laps-train``, ``laps-import-official``),
+            or a Hugging Face model folder (``laps-export``, :mod:`laps.models.pretrained`).
         device: ``auto`` (GPU when present), ``cpu``, ``cuda:1``, ...
         tokenizer: replaces ``dataset.tokenizer`` of the run (a folder holding ``vocab.txt`` or a hub
             name), e.g. when the run's folder is not on this machine.
@@ -239,6 +240,8 @@ def load_for_inference(
     from laps.compat.serialization import safe_load
 
     path = Path(path)
+    if path.is_dir():
+        return _load_folder(path, device, tokenizer)
     checkpoint = safe_load(path)
     if not isinstance(checkpoint, dict) or not checkpoint.get("laps_config") or "state_dict" not in checkpoint:
         raise ValueError(
@@ -272,6 +275,31 @@ def load_for_inference(
         device=dev,
         checkpoint=path,
         tokenizer_name=str(tokenizer or data.tokenizer),
+        max_words=int(data.get("max_words", 90)),
+        image_size=image_size,
+    )
+
+
+def _load_folder(path: Path, device: Any, tokenizer: str | None) -> InferenceModel:
+    """:func:`load_for_inference` of a Hugging Face model folder: its ``config.json``'s ``data`` gives
+    the tokenizer (the folder's own files), ``max_words``, image size and normalisation."""
+    from omegaconf import OmegaConf
+
+    from laps.models.pretrained import load_folder, read_config
+
+    data = dict(read_config(path).get("data") or {})
+    dev = resolve_device(device)
+    model = load_folder(path).to(dev).eval()
+    image_size = int(data.get("image_size") or model.vision.image_size)
+    config = OmegaConf.create({"dataset": {**data, "tokenizer": str(path)}, "model": read_config(path).get("training", {})})
+    log.info("loaded %s (%s vision tokens, embed size %d) on %s", path, model.head.num_patches, model.embed_size, dev)
+    return InferenceModel(
+        model=model,
+        transform=eval_transform(image_size, data.get("image_mean"), data.get("image_std")),
+        config=config,
+        device=dev,
+        checkpoint=path,
+        tokenizer_name=str(tokenizer or path),
         max_words=int(data.get("max_words", 90)),
         image_size=image_size,
     )

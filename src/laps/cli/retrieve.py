@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="encode a folder of images into an embedding file (resumable)",
                        description="Encode every .jpg/.jpeg/.png under --images (recursively) into --out. "
                        "Rerun the same command after an interruption: images already in --out are skipped.")
-    p.add_argument("--ckpt", required=True, help="laps checkpoint (laps-train or laps-import-official)")
+    p.add_argument("--ckpt", required=True, help="laps checkpoint (laps-train or laps-import-official) or a laps-export folder")
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="embedding file to write (e.g. images.pt)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")

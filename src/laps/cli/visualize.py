@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=textwrap.dedent(__doc__.split("Example::", 1)[1]) if "Example::" in (__doc__ or "") else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--ckpt", required=True, help="laps checkpoint (laps-train or laps-import-official)")
+    parser.add_argument("--ckpt", required=True, help="laps checkpoint (laps-train or laps-import-official) or a laps-export folder")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--caption", action="append", required=True, dest="captions", metavar="TEXT",
                         help="a caption (repeat for several: one PNG each)")
