@@ -119,6 +119,16 @@ def test_read_split_empty_caption_line(tmp_path: Path) -> None:
         read_split(tmp_path, "t")
 
 
+def test_read_split_tolerates_empty_lines_at_the_end(tmp_path: Path) -> None:
+    """A stray newline after the last caption (or id) is not a line; one in the middle stays an error."""
+    (tmp_path / "t_caps.txt").write_text("a\nb\nc\n\n")
+    (tmp_path / "t_ids.txt").write_text("1\n1\n2\r\n\r\n \n")
+    assert read_split(tmp_path, "t") == (["a", "b", "c"], ["1", "1", "2"])
+    (tmp_path / "t_caps.txt").write_text("a\n\nc\n\n")
+    with pytest.raises(DataError, match=r"t_caps.txt, line 2: empty caption"):
+        read_split(tmp_path, "t")
+
+
 def test_read_split_not_utf8(tmp_path: Path) -> None:
     (tmp_path / "t_caps.txt").write_bytes(b"fine\nalso fine\ncaf\xe9 latin-1\n")
     (tmp_path / "t_ids.txt").write_text("1\n1\n1\n")

@@ -97,7 +97,7 @@ def split_files(root: str | Path, split: str) -> tuple[Path, Path]:
 
 
 def _read_lines(path: Path, what: str) -> list[str]:
-    """Lines of a UTF-8 text file (final newline, ``\\r`` and a BOM dropped); errors name file and line."""
+    """Lines of a UTF-8 text file (empty lines at the end, ``\\r`` and a BOM dropped); errors name file and line."""
     if not path.is_file():
         raise DataError(f"Missing {what} file {path}. {_MAKE_HINT}")
     data = path.read_bytes()
@@ -112,10 +112,10 @@ def _read_lines(path: Path, what: str) -> list[str]:
         ) from err
     if not text:
         return []
-    lines = text.split("\n")
-    if lines[-1] == "":
+    lines = [ln.removesuffix("\r") for ln in text.split("\n")]
+    while lines and not lines[-1].strip():  # the final newline, and stray empty lines after it
         lines.pop()
-    return [ln.removesuffix("\r") for ln in lines]
+    return lines
 
 
 def read_split(root: str | Path, split: str) -> tuple[list[str], list[str]]:
