@@ -72,6 +72,34 @@ def test_karpathy_f30k(tmp_path: Path) -> None:
     assert read_split(out, "train")[0][0] == "image 0 caption 0"
 
 
+def test_prepared_files_get_the_umask_mode(tmp_path: Path) -> None:
+    """Written files are readable by others under a 022 umask (as open() would make them), not 0600."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(fake_f30k()))
+        convert_karpathy(tmp_path / "dataset_flickr30k.json", tmp_path / "f30k")
+        (tmp_path / "coco" / "val2014").mkdir(parents=True)
+        (tmp_path / "coco" / "val2014" / "COCO_val2014_000000000042.jpg").write_bytes(b"")
+        build_coco_mapping(tmp_path / "coco")
+    finally:
+        os.umask(old)
+    written = [*(tmp_path / "f30k").iterdir(), tmp_path / "coco" / "id_mapping.json"]
+    assert len(written) == 8  # three splits x (captions, ids), the id mapping, the COCO mapping
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}
+
+
+def test_karpathy_without_any_caption_is_refused(tmp_path: Path) -> None:
+    data = fake_f30k()
+    for img in data["images"]:
+        img["sentences"] = []
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="no image has a caption"):
+        convert_karpathy(tmp_path / "dataset_flickr30k.json", tmp_path / "f30k")
+    assert not (tmp_path / "f30k").exists() or not any((tmp_path / "f30k").iterdir())
+
+
 def test_karpathy_coco() -> None:
     splits, mapping, _ = karpathy_to_splits(fake_coco(), dev_images=2)
     assert set(splits) == {"train", "dev", "testall"}

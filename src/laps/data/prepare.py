@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from laps.data.datasets import DataError
+from laps.paths import new_file_mode
 
 __all__ = [
     "KARPATHY_SPLITS",
@@ -62,6 +63,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600: others could not read a shared dataset
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -207,6 +209,8 @@ def convert_karpathy(
     targets = [out_dir / "id_mapping.json"] + [
         out_dir / f"{s}_{kind}.txt" for s in splits for kind in ("caps", "ids")
     ]
+    if not any(caps for caps, _ in splits.values()):
+        raise DataError(f"{json_path}: no image has a caption ('sentences'); nothing to write.")
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise DataError(

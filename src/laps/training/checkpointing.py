@@ -35,6 +35,8 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Checkpoint
 from torch.utils.data import DistributedSampler
 
+from laps.paths import new_file_mode
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -68,12 +70,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Delete the temporary files a killed :func:`atomic_torch_save` of ``path`` left behind; returns them."""
     path = Path(path)
@@ -103,7 +99,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
