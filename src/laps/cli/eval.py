@@ -53,15 +53,17 @@ def run_config(cfg: DictConfig, checkpoint: dict) -> DictConfig:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from the checkpoint, test it, return the ``test/...`` metrics."""
-    from laps.compat.serialization import safe_load
+    from laps.compat.serialization import check_state_shapes, safe_load
 
-    checkpoint = safe_load(checkpoint_file(cfg.ckpt_path, cfg.paths.output_dir))
+    path = checkpoint_file(cfg.ckpt_path, cfg.paths.output_dir)
+    checkpoint = safe_load(path)
     run_cfg = run_config(cfg, checkpoint)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(run_cfg)
     module = build_module(run_cfg, datamodule.vocab_size)
     fit_caption_length(datamodule, module)  # a dataset from the command line may ask for longer captions
+    check_state_shapes(path, module.state_dict(), checkpoint["state_dict"])
     module.load_state_dict(checkpoint["state_dict"])
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)

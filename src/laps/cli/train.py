@@ -87,7 +87,9 @@ def resolve_ckpt(ckpt_path: str | None, output_dir: str) -> str | None:
         return None
     # refuses anything but tensors and plain containers before Lightning reads it; the tensors are
     # only mapped, not read (Lightning's own read goes through the same allow-list)
-    safe_load(path, mmap=True)
+    checkpoint = safe_load(path, mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a laps-train checkpoint (no state_dict)")
     return str(path)
 
 
@@ -112,6 +114,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for lg in loggers:
         lg.log_hyperparams(module.config_snapshot)  # the resolved config, caption length fitted
 
+    if ckpt is not None:  # another model size: name the parameter and both shapes, before Lightning reads it
+        from laps.compat.serialization import check_state_shapes, safe_load
+
+        check_state_shapes(ckpt, module.state_dict(), safe_load(ckpt, mmap=True)["state_dict"])
     if fitting:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

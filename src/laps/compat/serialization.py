@@ -60,6 +60,42 @@ class UnsafeCheckpointError(RuntimeError):
         super().__init__(message)
 
 
+class DamagedCheckpointError(ValueError):
+    """A file that is no readable checkpoint: empty, truncated, text, or a pickle of something else.
+    The message starts with the path and says which."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+
+
+def _check_readable(path: Path) -> None:
+    """Refuse, before torch reads it, a file that cannot be a checkpoint."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise DamagedCheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    if head != _ZIP_MAGIC and head[0] != _PICKLE_PROTO:
+        raise DamagedCheckpointError(f"{path}: not a checkpoint (neither a torch zip archive nor a pickle)")
+
+
+def check_state_shapes(path: str | os.PathLike, expected: dict[str, Any], found: dict[str, Any]) -> None:
+    """Refuse a checkpoint's ``state_dict`` whose tensors do not fit the model: the first missing or
+    unexpected key, or the first parameter of another shape with both shapes (another model size)."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    for key, tensor in expected.items():
+        if key in found and tuple(found[key].shape) != tuple(tensor.shape):
+            raise DamagedCheckpointError(
+                f"{path}: another architecture: {key} has shape {tuple(found[key].shape)} in the checkpoint, "
+                f"{tuple(tensor.shape)} in the configured model"
+            )
+    if missing or extra:
+        first = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise DamagedCheckpointError(f"{path}: another architecture: {first} "
+                                     f"({len(missing)} missing, {len(extra)} unexpected tensors)")
+
+
 def _global_name(entry: Any) -> str:
     obj = entry[0] if isinstance(entry, tuple) else entry
     if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
@@ -103,16 +139,29 @@ def safe_load(path: str | os.PathLike, extra_globals: Iterable[Any] = (), mmap: 
 
     Raises:
         UnsafeCheckpointError: the file needs a global outside the allow-list.
+        DamagedCheckpointError: an empty, truncated or text file, or a pickle of something else.
         FileNotFoundError: no such file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}")
+    _check_readable(path)
     allowed = [*ALLOWED_GLOBALS, *extra_globals]
     with torch.serialization.safe_globals(allowed):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
             refused = _refused_globals(path, allowed, err)
+            if not refused:
+                raise DamagedCheckpointError(
+                    f"{path}: not a checkpoint (a pickle torch cannot read without running code: "
+                    f"{_unpickler_detail(err)})"
+                ) from None
             log.warning("Refused unsafe checkpoint %s (globals: %s)", path, refused)
             raise UnsafeCheckpointError(path, refused, detail=_unpickler_detail(err)) from None
+        except (EOFError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err) \
+                    and "zip archive" not in str(err):
+                raise
+            raise DamagedCheckpointError(f"{path}: truncated or damaged (torch cannot read it: "
+                                         f"{str(err).split('. ')[0] or type(err).__name__})") from None
