@@ -93,3 +93,20 @@ def test_eval_and_resume_say_it_in_one_line(good_ckpt: Path, kind: str, tmp_path
     resume = _cli("train", ["experiment=demo", f"ckpt_path={bad}", f"paths.root_dir={tmp_path}",
                             f"paths.data_dir={synthetic_root}"], tmp_path)
     _one_error_line(resume, DAMAGES[kind][0])
+
+
+def test_empty_caption_or_query_is_refused(good_ckpt: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from laps.cli.visualize import main
+    from laps.inference import load_for_inference
+
+    with pytest.raises(ValueError, match="caption 2 of 2 is empty"):
+        load_for_inference(good_ckpt, device="cpu").encode_captions(["a dog", "   "])
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt", str(good_ckpt), "--image", str(image), "--caption", "", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "caption 1 of 1 is empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -190,6 +190,9 @@ class InferenceModel:
 
         if isinstance(captions, str):
             raise TypeError("captions must be a sequence of strings, not a single string")
+        empty = [i for i, c in enumerate(captions) if not str(c).strip()]
+        if empty:
+            raise ValueError(f"caption {empty[0] + 1} of {len(captions)} is empty: there is nothing to score")
         tok = self.tokenizer
         return pad_input_ids([tok(c, augment=False) for c in captions], tok.pad_id)
 
