@@ -91,12 +91,27 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_NUMBERS = ("model.optimizer.lr", "model.optimizer.weight_decay", "model.margin", "model.ratio_weight",
+            "model.backbone_lr_mult", "model.pooled_weight", "trainer.gradient_clip_val")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Checks that need no model or data, naming the key at fault."""
     for key in ("ratios.sparse_ratio", "ratios.aggr_ratio"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
             raise ValueError(f"{key} must be in (0, 1], got {value!r}")
+    for key in _NUMBERS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator") or "")
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: "
+                             "use trainer=cpu or trainer=default")
     batch = OmegaConf.select(cfg, "dataset.batch_size")
     if batch is not None and int(batch) < 2:
         raise ValueError(f"dataset.batch_size must be at least 2 (the contrastive loss needs negatives), got {batch}")
