@@ -272,3 +272,29 @@ def test_pooled_training_aligns_the_mean_first_stage(tmp_path_factory: pytest.Te
     assert r_full >= MIN_RECALL
     assert stage1 >= 95.0
     assert abs(r_rerank - r_full) <= RERANK_TOLERANCE
+
+
+def test_damaged_index_is_one_line(tiny_ckpt, tmp_path: Path, capsys) -> None:
+    """A truncated index: search names the file and the damage; a resumed index offers --overwrite;
+    the damaged file is left as it was. An empty query is refused."""
+    ckpt, cfg = tiny_ckpt
+    folder = _image_folder(cfg, tmp_path / "images", n=4)
+    index = tmp_path / "idx.pt"
+    main(["index", "--ckpt", str(ckpt), "--images", str(folder), "--out", str(index), "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", "--ckpt", str(ckpt), "--index", str(index), "", "--device", "cpu"])
+    assert exit_info.value.code == 2 and "caption 1 of 1 is empty" in capsys.readouterr().err
+    index.write_bytes(index.read_bytes()[:1500])
+    damaged = index.read_bytes()
+    for argv, needle in (
+        (["search", "--ckpt", str(ckpt), "--index", str(index), "a dog", "--device", "cpu"], "truncated or damaged"),
+        (["index", "--ckpt", str(ckpt), "--images", str(folder), "--out", str(index), "--device", "cpu"],
+         "pass --overwrite"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {index}") \
+            and needle in err[0], err
+        assert index.read_bytes() == damaged

@@ -160,7 +160,14 @@ def build_index(
     pool_chunks: list[Tensor] = []
     removed = 0
     if out.exists() and not overwrite:
-        old = load_index(out)
+        from laps.compat.serialization import DamagedCheckpointError
+
+        try:
+            old = load_index(out)
+        except DamagedCheckpointError as err:
+            why = str(err).removeprefix(f"{out}: ")
+            raise ValueError(f"{out}: the index to resume is damaged ({why}); pass --overwrite to start afresh "
+                             "or another --out") from None
         problems = []
         if old.get("fingerprint") != fingerprint:
             problems.append("another model")
