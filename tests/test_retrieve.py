@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from conftest import compose_train
-from laps.cli.retrieve import build_index, list_images, load_index, main, search
+from laps.cli.retrieve import main
 from laps.inference import load_for_inference
 from laps.models.pooling import pool_image, pool_text
+from laps.retrieval import build_index, list_images, load_index, search
 from test_visualize import VIT_AND_BERT, write_checkpoint
 
 
@@ -171,7 +172,7 @@ def _recall(hits: list[bool]) -> float:
 
 
 def _stage1_hits(engine, index, queries: list[str], truth: list[str], prerank: str, k: int) -> list[bool]:
-    from laps.cli.retrieve import prerank_vectors
+    from laps.retrieval import prerank_vectors
 
     with torch.no_grad():
         cap, lens = engine.encode_captions(queries)
