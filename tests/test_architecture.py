@@ -27,7 +27,7 @@ def _lint_imports() -> str:
 
 def test_layers_contract_is_kept() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([_lint_imports(), "--config", str(REPO / "pyproject.toml")], cwd=REPO, env=env,
+    result = subprocess.run([_lint_imports(), "--no-cache", "--config", str(REPO / "pyproject.toml")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "1 kept, 0 broken" in result.stdout
