@@ -290,11 +290,12 @@ def _load_folder(path: Path, device: Any, tokenizer: str | None) -> InferenceMod
 
     from laps.models.pretrained import load_folder, read_config
 
-    data = dict(read_config(path).get("data") or {})
+    stored = read_config(path)
+    data = dict(stored.get("data") or {})
     dev = resolve_device(device)
     model = load_folder(path).to(dev).eval()
     image_size = int(data.get("image_size") or model.vision.image_size)
-    config = OmegaConf.create({"dataset": {**data, "tokenizer": str(path)}, "model": read_config(path).get("training", {})})
+    config = OmegaConf.create({"dataset": {**data, "tokenizer": str(path)}, "model": stored.get("training", {})})
     log.info("loaded %s (%s vision tokens, embed size %d) on %s", path, model.head.num_patches, model.embed_size, dev)
     return InferenceModel(
         model=model,
