@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from laps.models import gemm
-from laps.models.head import LAPSHead
+from laps.models.head import HeadPlan, LAPSHead
 
 needs_onednn = pytest.mark.skipif(gemm._LINEAR is None, reason="this PyTorch build has no oneDNN linear kernel")
 
@@ -203,3 +203,22 @@ def test_aggregation_with_hooked_or_replaced_layers_runs_them(backend):
     hooked = head.aggregation(tokens)
     assert seen == [torch.Size([3, 197, 102])]
     torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize(("process", "planned"), [("onednn", "torch"), ("torch", "onednn")])
+def test_head_plan_fixes_the_kernels_in_forward_and_backward(backend, process, planned):
+    """A head whose plan names its kernels uses them whatever the process default is, also in the
+    backward (which autograd runs outside the forward's scope); the default is unchanged after."""
+    backend(process)
+    gen = torch.Generator().manual_seed(5)
+    img = torch.randn(6, 197, 512, generator=gen).requires_grad_()
+    cap = torch.randn(8, 20, 512, generator=gen).requires_grad_()
+    lens = torch.randint(4, 21, (8,), generator=gen)
+    head = LAPSHead(512, 196, 0.5, 0.4, plan=HeadPlan.for_device("cpu").replace(gemm=planned))
+    sims, _ = head.similarity(img, cap, lens)
+    assert gemm.cpu_backend() == process
+    backward_calls = _onednn_calls(lambda: sims.sum().backward())
+    assert (backward_calls > 0) == (planned == "onednn")
+    assert (_onednn_calls(lambda: head.similarity(img, cap, lens)) > 0) == (planned == "onednn")
+    assert gemm.cpu_backend() == process

@@ -19,7 +19,7 @@ from conftest import FIXTURES
 from helpers.common import rel_err
 from laps.evaluation import score_matrix
 from laps.losses import contrastive_loss
-from laps.models.head import LAPSHead
+from laps.models.head import HeadPlan, LAPSHead
 from laps.models.reference import reference_similarity
 
 HEAD_FIXTURES = ["head_vit_like.pt", "head_swin_like.pt", "head_vit_b16_shape.pt"]
@@ -203,33 +203,32 @@ def test_random_float32_matches_reference(case: str, device: str) -> None:
 @pytest.mark.parametrize("group", [1, 3, 16])
 def test_fusion_dots_in_caption_groups(group: int) -> None:
     """The fusion row's word dots, computed a group of captions at a time (GPU blocks hold many)."""
-    from laps.models.head import _fusion_dots
+    from laps.models.head.kernels import fusion_dots
 
     gen = torch.Generator().manual_seed(0)
     fuse, dots = torch.rand(3, 8, 5, generator=gen, dtype=torch.float64), torch.randn(3, 6, 8, 4, generator=gen,
                                                                                           dtype=torch.float64)
     expected = torch.einsum("vtk,vktl->vtl", fuse, dots[:, 1:])
-    assert torch.allclose(_fusion_dots(fuse, dots[:, 1:], group=group), expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(fusion_dots(fuse, dots[:, 1:], group=group), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
-def test_gpu_block_plan_matches_reference(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks as planned on a GPU (all captions of the budget in one block: here 40, so the fusion
-    GEMM runs in caption groups), on the CPU: the same numbers as the loop, forward and backward."""
-    from laps.models import head as head_module
-
-    plan = head_module._plan_blocks
+def test_gpu_block_plan_matches_reference(kind: str) -> None:
+    """The CUDA plan (all captions of the budget in one block: here 40, so the fusion GEMM runs in
+    caption groups; torch's kernels), on CPU tensors: the same numbers as the loop, forward and backward."""
     planned: list[list[tuple[int, int, int, int]]] = []
 
-    def as_on_gpu(n_img: int, n_cap: int, pairs: int, _device_type: str) -> list[tuple[int, int, int, int]]:
-        planned.append(plan(n_img, n_cap, pairs, "cuda"))
-        return planned[-1]
+    class RecordingPlan(HeadPlan):
+        def blocks(self, n_img: int, n_cap: int, block_pairs: int) -> list[tuple[int, int, int, int]]:
+            planned.append(super().blocks(n_img, n_cap, block_pairs))
+            return planned[-1]
 
-    monkeypatch.setattr(head_module, "_plan_blocks", as_on_gpu)
     head, img, cap, lens = random_case("many-captions", torch.float64, "cpu")
-    assert len(plan(img.shape[0], cap.shape[0], head.chunk_pairs, "cuda")) == 1
+    head.plan = RecordingPlan(**vars(HeadPlan.for_device("cuda")))
+    everything = [(0, img.shape[0], 0, cap.shape[0])]
+    assert HeadPlan.for_device("cpu").blocks(img.shape[0], cap.shape[0], head.chunk_pairs) != everything  # the control
     compare_to_reference(head, img, cap, lens, upstream_grad((img.shape[0], cap.shape[0]), kind), 1e-9, {})
-    assert planned and all(p == [(0, img.shape[0], 0, cap.shape[0])] for p in planned)  # one block, as planned
+    assert planned and all(p == everything for p in planned)  # the head planned with its plan: one block
 
 
 @pytest.mark.parametrize(
@@ -242,17 +241,16 @@ def test_gpu_block_plan_matches_reference(kind: str, monkeypatch: pytest.MonkeyP
         ("dense", {"max_saved_mb": 0.0}),  # blocks and the norms' products recomputed in backward
     ],
 )
-def test_split_gathers_and_image_chunks_match_reference(kind: str, settings: dict,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_gathers_and_image_chunks_match_reference(kind: str, settings: dict) -> None:
     """Backward with every block's word-token gradients in products of their own (a gather budget of
     one byte: an image range's token gradient is written by its first block, added to by the next),
     the norms three images at a time (as on a GPU) and image ranges whose pairs carry no gradient
     (their blocks are skipped; their tokens' gradient is zero)."""
-    from laps.models import head as head_module
-
-    monkeypatch.setitem(head_module.GATHER_BYTES, "cpu", 1)
-    monkeypatch.setattr(head_module, "_image_step", lambda _bytes, _device: 3)
     head, img, cap, lens = random_case("vit-like", torch.float64, "cpu")  # blocks of one image, 5 or 4 captions
+    # every caption in one run of the norms: an image's rows take n_cap (M + 1) N float64s
+    image_rows = cap.shape[0] * (head.num_aggregated + 1) * head.num_patches * 8
+    head.plan = HeadPlan.for_device("cpu").replace(gather_bytes=1, image_bytes=3 * image_rows)
+    assert head.plan.image_step(image_rows) == 3
     for name, value in settings.items():
         setattr(head, name, value)
     grad = upstream_grad((img.shape[0], cap.shape[0]), "sparse" if kind == "sparse" else "dense")
@@ -284,7 +282,7 @@ def test_prepared_gram_with_a_graph_is_refused() -> None:
     its own would lose it silently, so it is refused."""
     head, img, cap, lens = random_case("vit-like", torch.float32, "cpu")
     image = head.prepare_images(img.requires_grad_())
-    image["gram"] = image["gram"].clone().requires_grad_()
+    image = image._replace(gram=image.gram.clone().requires_grad_())
     with pytest.raises(ValueError, match="no graph"):
         head.score_prepared(image, head.prepare_captions(cap, lens))
 
@@ -475,3 +473,29 @@ def test_state_dict_round_trip_keeps_scores() -> None:
     clone.load_state_dict(copy.deepcopy(head.state_dict()))
     with torch.no_grad():
         assert torch.equal(head.eval()(img, cap, lens), clone.eval()(img, cap, lens))
+
+
+def test_feedback_records_whether_few_pairs_carried_a_gradient() -> None:
+    """``head.feedback.sparse`` is the explicit state one backward leaves for the next forward:
+    set after a backward with few nonzero pair gradients, cleared after a dense one."""
+    head, img, cap, lens = random_case("vit-like", torch.float64, "cpu")
+    assert head.feedback.sparse is False
+    for kind, expected in (("sparse", True), ("dense", False), ("sparse", True)):
+        sims, _ = head.similarity(img.clone().requires_grad_(), cap, lens)
+        (sims * upstream_grad(tuple(sims.shape), kind)).sum().backward()
+        assert head.feedback.sparse is expected, kind
+
+
+@pytest.mark.parametrize(("change", "key"), [({"block_bytes": 0}, "block_bytes"), ({"block_captions": 0}, "block_captions"),
+                                             ({"gemm": "mkl"}, "gemm"), ({"image_bytes": -1}, "image_bytes")])
+def test_plan_refuses_unusable_values_naming_the_field(change: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=f"HeadPlan.{key}"):
+        HeadPlan.for_device("cpu").replace(**change)
+
+
+def test_plan_for_the_device_unless_the_head_has_its_own() -> None:
+    head = LAPSHead(16, 9, 0.6, 0.7)
+    assert head.plan_for("cpu") == HeadPlan.for_device("cpu") != HeadPlan.for_device("cuda")
+    assert head.plan_for("cuda").block_captions is None and HeadPlan.for_device("cpu").block_captions == 8
+    head.plan = HeadPlan.for_device("cuda")
+    assert head.plan_for("cpu") is head.plan

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from laps.inference import synchronize
+from laps.models.head import PreparedImages
 from laps.models.pooling import pool_image, pool_text
 from laps.training.checkpointing import atomic_torch_save
 
@@ -278,13 +279,12 @@ def prerank_vectors(index: dict[str, Any], prerank: str = "mean") -> Tensor:
 RERANK_UNION = 1024  # candidate images whose head inputs are prepared at once when re-ranking
 
 
-def _prepare_images(head: Any, emb: Tensor, rows: Tensor, block: int, device: torch.device) -> dict[str, Tensor]:
+def _prepare_images(head: Any, emb: Tensor, rows: Tensor, block: int, device: torch.device) -> PreparedImages:
     """``head.prepare_images`` of the images ``rows`` of ``emb``, ``block`` at a time, concatenated."""
-    parts = [
+    return PreparedImages.cat([
         head.prepare_images(emb.index_select(0, rows[s : s + block]).to(device).float())
         for s in range(0, rows.numel(), block)
-    ]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    ])
 
 
 @torch.no_grad()
@@ -364,9 +364,7 @@ def search(
         prepared = _prepare_images(head, emb, union, block, device)
         for j in range(g, min(g + group, n_q)):
             rows = inverse[j - g].to(device)
-            image = {k: v.index_select(0, rows) for k, v in prepared.items()}
-            one = {k: v[j : j + 1] for k, v in caption.items()}
-            sims = head.score_prepared(image, one)[0][:, 0].float().cpu()
+            sims = head.score_prepared(prepared.take(rows), caption.take(slice(j, j + 1)))[0][:, 0].float().cpu()
             top = sims.topk(min(top_k, k_re))
             chosen = cand_idx[j][top.indices]
             results.append(QueryResult(

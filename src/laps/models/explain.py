@@ -37,7 +37,7 @@ def explain_pair(head: LAPSHead, img_embs: Tensor, cap_embs: Tensor, cap_lens: T
         ``N = num_patches``, ``K = num_keep``, ``M = num_aggregated``):
 
         * ``similarity`` ``(V, T)``: the LAPS score (equals ``head.similarity``);
-          ``t2i`` and ``i2t`` ``(V, T)``: its two terms (LAPS.md step 8);
+          ``t2i`` and ``i2t`` ``(V, T)``: its two terms (``docs/algorithm.md``, step 8);
         * ``salience`` ``(V, N)``: ``s_img``; ``relevance`` ``(V, T, N)``: ``s_txt``;
           ``score`` ``(V, T, N)``: ``s_img + s_txt``, the selection score;
         * ``kept_indices`` ``(V, T, K)`` long: the kept patches by selection score,
@@ -52,7 +52,7 @@ def explain_pair(head: LAPSHead, img_embs: Tensor, cap_embs: Tensor, cap_lens: T
     """
     if head.selection != "topk":
         raise ValueError(f"explain_pair draws the top-k selection; this head uses selection={head.selection!r}")
-    lens = head._check_inputs(img_embs, cap_embs, cap_lens)  # the head's own validation, one place
+    lens = head.check_inputs(img_embs, cap_embs, cap_lens)  # the head's own validation, one place
     n_keep = int(head.num_keep)
     with torch.autocast(img_embs.device.type, enabled=False):
         tokens, words = img_embs.float(), cap_embs.float()

@@ -8,17 +8,23 @@ oneDNN is the default where PyTorch reports AVX-512 (the only kind of CPU it was
 and ``torch.backends.mkldnn`` is enabled; other dtypes (bf16 under autocast, float64), small
 products, inputs that record a graph and other devices go to torch, which picks its own kernels.
 
-:func:`set_cpu_backend` switches between the two, for instance to time the head with the same
-kernels as a reference implementation (``laps-bench --cpu-gemm torch``).
+:func:`set_cpu_backend` switches between the two for the process, for instance to time the head
+with the same kernels as a reference implementation (``laps-bench --cpu-gemm torch``);
+:func:`cpu_backend_scope` for a block of code in the current thread (a head's
+:class:`~laps.models.head.HeadPlan` that names its kernels).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["bmm_nt", "cpu_backend", "linear", "mm_nt", "onednn_for", "set_cpu_backend"]
+__all__ = ["bmm_nt", "cpu_backend", "cpu_backend_scope", "linear", "mm_nt", "onednn_for", "set_cpu_backend"]
 
 CPU_BACKENDS = ("onednn", "torch")
 # Below this many multiply-adds a call's fixed cost (primitive lookup, weight reorder) outweighs
@@ -46,28 +52,49 @@ def _default_backend() -> str:
 
 
 _LINEAR = _onednn_linear()
-_state = {"backend": _default_backend()}
+_default = {"backend": _default_backend()}
+# set by cpu_backend_scope: the backend of the current thread's block, over the process default
+_scoped: ContextVar[str | None] = ContextVar("laps_cpu_gemm_backend", default=None)
 
 
 def cpu_backend() -> str:
-    """The kernels of float32 CPU products: ``onednn`` or ``torch``."""
-    return _state["backend"]
+    """The kernels of float32 CPU products here and now: ``onednn`` or ``torch``."""
+    scoped = _scoped.get()
+    return _default["backend"] if scoped is None else scoped
 
 
-def set_cpu_backend(name: str) -> None:
-    """Use ``onednn`` (the default on AVX-512 CPUs) or ``torch`` kernels for float32 CPU products."""
+def _check_backend(name: str) -> None:
     if name not in CPU_BACKENDS:
         raise ValueError(f"CPU GEMM backend must be one of {CPU_BACKENDS}, got {name!r}")
     if name == "onednn" and _LINEAR is None:
         raise RuntimeError("this PyTorch build has no oneDNN linear kernel (torch.ops.mkldnn._linear_pointwise)")
-    _state["backend"] = name
+
+
+def set_cpu_backend(name: str) -> None:
+    """Use ``onednn`` (the default on AVX-512 CPUs) or ``torch`` kernels for float32 CPU products."""
+    _check_backend(name)
+    _default["backend"] = name
+
+
+@contextlib.contextmanager
+def cpu_backend_scope(name: str | None) -> Iterator[None]:
+    """Use the ``name`` kernels in the current thread within the block; ``None`` changes nothing."""
+    if name is None:
+        yield
+        return
+    _check_backend(name)
+    token = _scoped.set(name)
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
 
 
 def onednn_for(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether large products of tensors of this device and dtype go to oneDNN: float32 on CPU,
     outside autocast (which computes them in its own dtype), with ``torch.backends.mkldnn`` on."""
     return (
-        _state["backend"] == "onednn"
+        cpu_backend() == "onednn"
         and device.type == "cpu"
         and dtype == torch.float32
         and torch.backends.mkldnn.enabled
@@ -128,6 +155,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.backend = cpu_backend()  # backward may run outside the forward's cpu_backend_scope
         flat = x.reshape(-1, x.shape[-1])
         return _LINEAR(flat, weight.contiguous(), bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
 
@@ -138,7 +166,8 @@ class _OneDNNLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         d_x = d_w = d_b = None
         if ctx.needs_input_grad[0]:
-            d_x = mm_nt(g, weight.t()).view_as(x)
+            with cpu_backend_scope(ctx.backend):
+                d_x = mm_nt(g, weight.t()).view_as(x)
         if ctx.needs_input_grad[1]:
             d_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:

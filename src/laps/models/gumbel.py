@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from laps.models.head import LEAKY_SLOPE, block_pairs
+from laps.models.head.common import LEAKY_SLOPE, PreparedCaptions
+from laps.models.reference import alignment_terms
 
 EPS = 1e-6
 
@@ -74,14 +75,13 @@ def decide(s: Tensor, num_keep: int, tau: float, training: bool) -> Tensor:
     return torch.where(empty, best, keep)
 
 
-def gumbel_similarity(
-    head, img_embs: Tensor, words_n: Tensor, cap_lens: Tensor, query: Tensor
-) -> tuple[Tensor, Tensor]:
+def gumbel_similarity(head, img_embs: Tensor, caption: PreparedCaptions) -> tuple[Tensor, Tensor]:
     """Similarities ``(B_v, B_t)`` and keep decisions ``(B_v, B_t, N)`` with the Gumbel selection.
 
-    ``head`` is a :class:`~laps.models.head.LAPSHead` built with ``selection="gumbel"``; ``words_n``
-    ``(B_t, L_t, C)``, ``cap_lens`` and ``query`` ``(B_t, C)`` come from its ``prepare_captions``.
+    ``head`` is a :class:`~laps.models.head.LAPSHead` built with ``selection="gumbel"``; ``caption``
+    (words ``(B_t, L_t, C)``) comes from its ``prepare_captions``.
     """
+    words_n, cap_lens, query = caption
     n_cls = int(head.has_cls)
     cls, patches = img_embs[:, :n_cls], img_embs[:, n_cls:]
     real = words_n.dtype  # fp32, float64 for float64 inputs (prepare_captions)
@@ -93,7 +93,8 @@ def gumbel_similarity(
     logits = head.aggregation(patches).to(real)  # (B_v, N, M)
     n_rows = head.num_aggregated + 1 + n_cls
     pair_bytes = (n_rows * (patches.shape[2] + words_n.shape[1]) + head.num_aggregated * patches.shape[1]) * real.itemsize
-    step = max(1, block_pairs(head.chunk_pairs, img_embs.device.type, pair_bytes) // max(img_embs.shape[0], 1))
+    pairs = head.plan_for(img_embs.device.type).block_pairs(head.chunk_pairs, pair_bytes)
+    step = max(1, pairs // max(img_embs.shape[0], 1))
     sims, keeps = [], []
     for t0 in range(0, words_n.shape[0], step):
         args = (p32, patches_n, s_img, p, logits, cls.to(real), words_n[t0 : t0 + step],
@@ -127,10 +128,7 @@ def _block(head, patches, patches_n, s_img, p, logits, cls, words_n, lens, query
     if cls.shape[1]:
         rows = torch.cat([cls.unsqueeze(1).expand(-1, n_cap, -1, -1), rows], dim=2)
     rows_n = F.normalize(rows, dim=-1)
-    align = torch.einsum("vtrc,twc->tvrw", rows_n, words_n)
-    align = F.leaky_relu(align, LEAKY_SLOPE)  # (b_t, B_v, R, L_t)
-    valid = (torch.arange(words_n.shape[1], device=lens.device)[None] < lens[:, None])[:, None, None, :]
-    t2i = align.masked_fill(~valid, float("-inf")).amax(dim=2).masked_fill(~valid[:, :, 0], 0.0).sum(-1)
-    t2i = t2i / lens.to(align.dtype)[:, None]
-    i2t = align.masked_fill(~valid, float("-inf")).amax(dim=3).mean(-1)
-    return (t2i + i2t).transpose(0, 1), keep
+    align = F.leaky_relu(torch.einsum("vtrc,twc->vtwr", rows_n, words_n), LEAKY_SLOPE)  # (B_v, b_t, L_t, R)
+    valid = torch.arange(words_n.shape[1], device=lens.device)[None] < lens[:, None]  # (b_t, L_t)
+    t2i, i2t = alignment_terms(align, valid)
+    return t2i + i2t, keep

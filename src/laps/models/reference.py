@@ -20,7 +20,7 @@ from torch import Tensor
 
 from laps.models.head import LEAKY_SLOPE, LAPSHead
 
-__all__ = ["Selection", "aggregate", "align", "image_rows", "reference_similarity", "relevance", "salience",
+__all__ = ["Selection", "aggregate", "align", "alignment_terms", "image_rows", "reference_similarity", "relevance", "salience",
            "select", "split_cls"]
 
 
@@ -82,9 +82,20 @@ def align(rows_n: Tensor, words_n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Step 8, official ``mask_xattn_one_text``: rows ``(B_v, R, C)`` x words ``(B_v, n, C)`` ->
     ``t2i`` and ``i2t`` ``(B_v, 1)`` (the score is their sum) and the alignment ``(B_v, n, R)``."""
     sim = F.leaky_relu(torch.bmm(words_n, rows_n.transpose(1, 2)), negative_slope=LEAKY_SLOPE)
-    t2i = sim.max(dim=2)[0].mean(dim=1, keepdim=True)
-    i2t = sim.max(dim=1)[0].mean(dim=1, keepdim=True)
-    return t2i, i2t, sim
+    t2i, i2t = alignment_terms(sim)
+    return t2i.unsqueeze(1), i2t.unsqueeze(1), sim
+
+
+def alignment_terms(sim: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Step 8's two terms from the alignment ``sim`` ``(..., L, R)`` of ``L`` words with ``R`` image
+    rows (after the leaky ReLU): ``t2i`` ``(...)``, each word's best row averaged over the words, and
+    ``i2t`` ``(...)``, each row's best word averaged over the rows. ``valid`` ``(..., L)`` marks the
+    real words of padded captions (all words when ``None``)."""
+    if valid is None:
+        return sim.max(dim=-1)[0].mean(dim=-1), sim.max(dim=-2)[0].mean(dim=-1)
+    t2i = sim.max(dim=-1)[0].masked_fill(~valid, 0.0).sum(dim=-1) / valid.sum(dim=-1)
+    i2t = sim.masked_fill(~valid.unsqueeze(-1), float("-inf")).max(dim=-2)[0].mean(dim=-1)
+    return t2i, i2t
 
 
 def split_cls(head: LAPSHead, img_embs: Tensor, img_n: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
