@@ -68,7 +68,7 @@ def test_another_model_size_names_the_parameter_and_both_shapes(good_ckpt: Path)
     key = next(k for k in state if k.endswith("aggregation.mlp.3.weight"))
     other = dict(state)
     other[key] = torch.zeros(other[key].shape[0] + 1, other[key].shape[1])
-    with pytest.raises(DamagedCheckpointError, match=rf"another architecture: {key} has shape "
+    with pytest.raises(DamagedCheckpointError, match=rf"another architecture: tensor '{key}' has shape "
                                                      rf"\({other[key].shape[0]}, .*\) in the checkpoint"):
         check_state_shapes(good_ckpt, state, other)
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from laps.models.state import state_mismatch
+
 log = logging.getLogger(__name__)
 
 ALLOWED_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
@@ -80,20 +82,11 @@ def _check_readable(path: Path) -> None:
 
 
 def check_state_shapes(path: str | os.PathLike, expected: dict[str, Any], found: dict[str, Any]) -> None:
-    """Refuse a checkpoint's ``state_dict`` whose tensors do not fit the model: the first missing or
-    unexpected key, or the first parameter of another shape with both shapes (another model size)."""
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    for key, tensor in expected.items():
-        if key in found and tuple(found[key].shape) != tuple(tensor.shape):
-            raise DamagedCheckpointError(
-                f"{path}: another architecture: {key} has shape {tuple(found[key].shape)} in the checkpoint, "
-                f"{tuple(tensor.shape)} in the configured model"
-            )
-    if missing or extra:
-        first = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise DamagedCheckpointError(f"{path}: another architecture: {first} "
-                                     f"({len(missing)} missing, {len(extra)} unexpected tensors)")
+    """Refuse a checkpoint's ``state_dict`` whose tensors do not fit the model: the first parameter of
+    another shape with both shapes (another model size), or the first missing or unexpected key."""
+    mismatch = state_mismatch(expected, found, source="checkpoint")
+    if mismatch is not None:
+        raise DamagedCheckpointError(f"{path}: another architecture: {mismatch}")
 
 
 def _global_name(entry: Any) -> str:

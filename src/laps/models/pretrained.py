@@ -18,6 +18,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelHubMixin
 
+from laps.models.state import state_mismatch
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -186,14 +188,7 @@ def load_folder(folder: str | Path, device: Any = None, dtype: Any = None):
 
 
 def check_state(path: Path, expected: dict[str, Any], found: dict[str, Any]) -> None:
-    """Refuse a missing, extra or wrongly shaped tensor, naming the first of each kind."""
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    if missing:
-        raise PretrainedFormatError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-    if extra:
-        raise PretrainedFormatError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} extra in all)")
-    for key, tensor in expected.items():
-        if tuple(found[key].shape) != tuple(tensor.shape):
-            raise PretrainedFormatError(f"{path}: tensor {key!r} has shape {tuple(found[key].shape)}, "
-                                        f"the model needs {tuple(tensor.shape)}")
+    """Refuse a missing, extra or wrongly shaped tensor, naming it (:func:`laps.models.state.state_mismatch`)."""
+    mismatch = state_mismatch(expected, found, source="file")
+    if mismatch is not None:
+        raise PretrainedFormatError(f"{path}: {mismatch}")

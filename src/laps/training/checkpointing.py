@@ -21,9 +21,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +39,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from torch.utils.data import DistributedSampler
 
 from laps.paths import new_file_mode
+from laps.training.runlock import holder_alive
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,23 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
+def _own_prefix(path: Path) -> str:
+    """The prefix of this process's temporaries of ``path``: ``.{name}.{host}-{pid}.``."""
+    return f"{_tmp_prefix(path)}{socket.gethostname()}-{os.getpid()}."
+
+
+def _abandoned(path: Path, tmp: Path) -> bool:
+    """Whether ``tmp`` is a temporary of ``path`` that no live save will finish: this process's, one of a
+    process of this host that is gone, or one without an owner in its name (an earlier release's)."""
+    owner = re.match(rf"^(?P<host>.+)-(?P<pid>\d+)\.[^.]+{re.escape(_TMP_SUFFIX)}$",
+                     tmp.name[len(_tmp_prefix(path)):])
+    if owner is None:
+        return True
+    if owner["host"] != socket.gethostname():
+        return False  # another host's save, perhaps running: not ours to judge
+    return int(owner["pid"]) == os.getpid() or not holder_alive({"pid": owner["pid"], "host": owner["host"]})
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
     try:
@@ -71,12 +92,18 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed :func:`atomic_torch_save` of ``path`` left behind; returns them."""
+    """Delete the temporary files a killed :func:`atomic_torch_save` of ``path`` left behind; returns them.
+
+    Only temporaries no live process will finish are touched (:func:`_abandoned`): a concurrent save
+    of the same file by another process keeps its own.
+    """
     path = Path(path)
     if not path.parent.is_dir():
         return []
     removed = []
     for tmp in path.parent.glob(f"{_tmp_prefix(path)}*{_TMP_SUFFIX}"):
+        if not _abandoned(path, tmp):
+            continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             removed.append(tmp)
@@ -88,28 +115,56 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a partial ``path``.
 
-    The object is written to ``.{name}.XXXX.tmp`` in the same folder, flushed and fsync-ed, then renamed
-    over ``path`` (:func:`os.replace`, atomic on POSIX and Windows within one file system). Readers see the
-    old file until the rename and the complete new file after it. Temporaries of ``path`` left by an
-    earlier, killed save are removed first.
+    The object is written to ``.{name}.{host}-{pid}.XXXX.tmp`` in the same folder, flushed and fsync-ed,
+    then renamed over ``path`` (:func:`os.replace`, atomic on POSIX and Windows within one file system).
+    Readers see the old file until the rename and the complete new file after it. Temporaries of
+    ``path`` left by an earlier, killed save are removed first. A full disk raises ``OSError``
+    (``ENOSPC``) naming ``path``; the previous file is left as it was, and no temporary.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_own_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
     tmp = Path(tmp_name)
     try:
         os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            writer = _WriteErrors(f)
+            try:
+                torch.save(obj, writer)
+                f.flush()
+                os.fsync(f.fileno())
+            except (OSError, RuntimeError) as err:
+                cause = writer.error if writer.error is not None else err
+                if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+                    raise OSError(errno.ENOSPC, "No space left on device while saving (the previous file, "
+                                  "if any, is unchanged)", str(path)) from err
+                raise
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+class _WriteErrors:
+    """A binary file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch's zip writer
+    reports it only as ``unexpected pos``, which names neither the disk nor the file."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,0 +1,126 @@
+"""One run per run folder: a lock file with the holder's pid and host.
+
+``laps-train`` holds ``<run folder>/.laps-run.lock`` while it trains and tests. A second run on the
+same folder (the same ``hydra.run.dir``) is refused with :class:`RunFolderLockedError` naming the
+holder, before it reads or deletes anything there. A lock whose holder is gone (the same host, no
+such process: a run that was killed) is stale and taken over, with a warning. A lock held from
+another host cannot be checked from here: it is honoured, and the message says which file to delete
+once that run is known to be over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from laps.paths import new_file_mode
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LOCK_NAME", "RunFolderLockedError", "holder_alive", "run_folder_lock"]
+
+LOCK_NAME = ".laps-run.lock"
+# A lock file younger than this with no holder written yet is being created: not stale.
+_WRITING_GRACE_S = 10.0
+
+
+class RunFolderLockedError(OSError):
+    """Another live run holds the run folder."""
+
+
+def _me() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def holder_alive(holder: dict[str, Any]) -> bool:
+    """Whether the process named by a lock's ``holder`` may still run: checked on this host, assumed
+    on another."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """The lock's holder, or ``None`` when the file is empty or not a lock (a crash while writing it)."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and "pid" in holder else None
+
+
+def _create(path: Path) -> bool:
+    """Create the lock file holding this process; ``False`` when one exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, new_file_mode())
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(_me(), f)
+    return True
+
+
+def _refusal(path: Path, holder: dict[str, Any] | None) -> RunFolderLockedError:
+    who = "another run" if holder is None else (
+        f"pid {holder['pid']} on {holder.get('host', '?')} (since {holder.get('started', '?')})")
+    return RunFolderLockedError(
+        errno.EBUSY,
+        f"the run folder {path.parent} is in use by {who}: wait for it, choose another hydra.run.dir, "
+        f"or delete {path} if that run is over",
+    )
+
+
+def _acquire(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    for _ in range(3):
+        if _create(path):
+            return path
+        holder = _read(path)
+        if holder is None:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime < _WRITING_GRACE_S:
+                    raise _refusal(path, None)
+        elif holder_alive(holder) and int(holder["pid"]) != os.getpid():
+            raise _refusal(path, holder)
+        log.warning("taking over the stale lock %s (%s)", path,
+                    "unreadable" if holder is None else f"pid {holder['pid']} on {holder.get('host')} is gone")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    raise _refusal(path, _read(path))
+
+
+def _release(path: Path) -> None:
+    """Remove the lock if it is still this process's."""
+    holder = _read(path)
+    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: str | os.PathLike, enabled: bool = True) -> Iterator[Path | None]:
+    """Hold ``folder``'s run lock for the block (``enabled=False``: do nothing, e.g. on ranks other than
+    zero, which share rank zero's folder). Raises :class:`RunFolderLockedError` when a live run holds it."""
+    if not enabled:
+        yield None
+        return
+    path = _acquire(Path(folder))
+    try:
+        yield path
+    finally:
+        _release(path)
