@@ -126,17 +126,16 @@ def _dead_pid() -> int:
 def test_a_live_holder_keeps_the_folder(tmp_path: Path) -> None:
     with _live_process() as pid:
         lock = _write_lock(tmp_path, pid)
-        with pytest.raises(RunFolderLockedError, match=f"in use by pid {pid} on {socket.gethostname()}"):
-            with run_folder_lock(tmp_path):
-                pass
+        with pytest.raises(RunFolderLockedError, match=f"in use by pid {pid} on {socket.gethostname()}"), \
+                run_folder_lock(tmp_path):
+            pass
         assert json.loads(lock.read_text())["pid"] == pid
 
 
 def test_another_hosts_lock_is_honoured_and_names_the_file(tmp_path: Path) -> None:
     lock = _write_lock(tmp_path, 12345, host="elsewhere.example")
-    with pytest.raises(RunFolderLockedError, match=f"delete {lock}"):
-        with run_folder_lock(tmp_path):
-            pass
+    with pytest.raises(RunFolderLockedError, match=f"delete {lock}"), run_folder_lock(tmp_path):
+        pass
 
 
 def test_a_stale_lock_is_taken_over_and_released(tmp_path: Path) -> None:
@@ -147,9 +146,8 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path: Path) -> None:
 
 
 def test_release_leaves_a_lock_that_is_not_ours(tmp_path: Path) -> None:
-    with run_folder_lock(tmp_path) as held:
-        with _live_process() as pid:
-            _write_lock(tmp_path, pid)  # another run took it over meanwhile
+    with run_folder_lock(tmp_path) as held, _live_process() as pid:
+        _write_lock(tmp_path, pid)  # another run took it over meanwhile
     assert held.exists() and json.loads(held.read_text())["pid"] == pid
 
 
