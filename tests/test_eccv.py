@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
+from helpers.standins import read_lines, shared_data
 from laps.eccv import TOP, EccvSplitMismatch, caption_ids_of, eccv_cxc_metrics, split_eccv_metrics
-from helpers.standins import shared_data, read_lines
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
