@@ -59,6 +59,24 @@ class VisionEncoder(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.proj(self.tokens(images))
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the backbone's blocks in backward instead of keeping their activations (training only)."""
+        raise NotImplementedError
+
+
+def _hf_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """A transformers model's activation checkpointing, with the non-reentrant ``torch.utils.checkpoint``
+    (``activation_checkpointing_*`` in recent releases, ``gradient_checkpointing_*`` before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
 
 class HFVisionEncoder(VisionEncoder):
     """A transformers ``ViTModel`` or ``SwinModel`` (or any model with ``last_hidden_state``).
@@ -108,6 +126,9 @@ class HFVisionEncoder(VisionEncoder):
 
     def tokens(self, images: Tensor) -> Tensor:
         return self.backbone(pixel_values=images).last_hidden_state
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        _hf_gradient_checkpointing(self.backbone, enabled)
 
 
 class TimmVisionEncoder(VisionEncoder):
@@ -162,6 +183,10 @@ class TimmVisionEncoder(VisionEncoder):
     def tokens(self, images: Tensor) -> Tensor:
         return self._flatten(self.backbone.forward_features(images))
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the backbone's blocks in backward instead of keeping their activations (training only)."""
+        self.backbone.set_grad_checkpointing(enabled)
+
 
 class TextEncoder(nn.Module):
     """A BERT-family transformers model: ``input_ids`` ``(B, L)``, ``lengths`` ``(B,)`` -> ``(B, L, embed_size)``.
@@ -214,3 +239,7 @@ class TextEncoder(nn.Module):
         mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < lengths[:, None]
         out = self.backbone(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         return self.proj(out)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the backbone's layers in backward instead of keeping their activations (training only)."""
+        _hf_gradient_checkpointing(self.backbone, enabled)

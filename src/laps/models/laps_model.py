@@ -74,6 +74,12 @@ class LAPSModel(nn.Module, PretrainedMixin):
         sims, _ = self.head.similarity(img_embs, cap_embs, cap_lens)
         return sims
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing of both encoders: less memory in training, a second forward of
+        their blocks in backward. The head keeps its own bounded memory (``max_saved_mb``)."""
+        self.vision.set_gradient_checkpointing(enabled)
+        self.text.set_gradient_checkpointing(enabled)
+
     def forward(self, images: Tensor, input_ids: Tensor, lengths: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Encode and score a batch; as :meth:`LAPSHead.forward` (``(sims, score_mask)`` in train mode)."""
         return self.head(self.encode_image(images), self.encode_text(input_ids, lengths), lengths)
