@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from laps.cli.common import validate_config
+from laps.training.tasks import validate_config
 
 
 @pytest.mark.parametrize("key", ["model.optimizer.lr", "model.margin", "model.ratio_weight"])
