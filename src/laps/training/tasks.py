@@ -30,7 +30,8 @@ _NUMBERS = ("model.optimizer.lr", "model.optimizer.weight_decay", "model.margin"
 
 # ---------------------------------------------------------------------------- building blocks
 def validate_config(cfg: DictConfig) -> None:
-    """Checks that need no model or data, naming the key at fault."""
+    """Checks that need no model or data, naming the key at fault (``dataset.batch_size`` is the
+    data module's, checked when it is built, before any data is read)."""
     for key in ("ratios.sparse_ratio", "ratios.aggr_ratio"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
@@ -43,9 +44,6 @@ def validate_config(cfg: DictConfig) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: "
                          "use trainer=cpu or trainer=default")
-    batch = OmegaConf.select(cfg, "dataset.batch_size")
-    if batch is not None and int(batch) < 2:
-        raise ValueError(f"dataset.batch_size must be at least 2 (the contrastive loss needs negatives), got {batch}")
 
 
 def write_metrics(metrics: dict[str, float], output_dir: str | Path) -> Path:
