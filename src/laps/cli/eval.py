@@ -1,5 +1,5 @@
-"""``laps-eval ckpt_path=...``: test a checkpoint on its dataset's test split and write ``metrics.json``
-(:func:`laps.training.tasks.evaluate`)."""
+"""``laps-eval ckpt_path=...``: test a checkpoint or an exported model folder on a test split and write
+``metrics.json`` (:func:`laps.training.tasks.evaluate`)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
 """The tasks beneath ``laps-train`` and ``laps-eval``: :func:`train` fits and tests a model,
-:func:`evaluate` tests a checkpoint. Each returns its metrics and writes ``metrics.json`` in the
-run directory (rank zero); the command prints them (``report``).
+:func:`evaluate` tests a checkpoint or an exported model folder. Each returns its metrics and
+writes ``metrics.json`` in the run directory (rank zero); the command prints them (``report``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from laps.models.hub import check_pretrained_available, disable_pretrained
 from laps.training.callbacks import finish_loggers
@@ -26,6 +28,9 @@ Report = Callable[[dict[str, float], str], None]
 
 _NUMBERS = ("model.optimizer.lr", "model.optimizer.weight_decay", "model.margin", "model.ratio_weight",
             "model.backbone_lr_mult", "model.pooled_weight", "trainer.gradient_clip_val")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# Settings of an exported folder's ``config.json`` ``data`` that replace the dataset group's.
+_FOLDER_DATA = ("max_words", "image_size", "image_mean", "image_std", "protocol")
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -78,9 +83,16 @@ def _check_vocab(tokenizer: Any, vocab_size: int, net: Any) -> None:
 
 
 def build_module(cfg: DictConfig, vocab_size: int) -> L.LightningModule:
-    """The LightningModule; a random text model without a set vocabulary gets the tokenizer's size."""
+    """The LightningModule; a random text model without a set vocabulary gets the tokenizer's size.
+    ``model.init_from`` is not the module's: :func:`train` applies it."""
     extra = {} if cfg.backbone.text.get("vocab_size") else {"net": {"text": {"vocab_size": vocab_size}}}
-    module = hydra.utils.instantiate(cfg.model, **extra)
+    model_cfg = cfg.model
+    if "init_from" in model_cfg:  # in a copy: the run's configuration keeps it
+        run = copy.deepcopy(cfg)
+        with open_dict(run):
+            del run.model["init_from"]
+        model_cfg = run.model
+    module = hydra.utils.instantiate(model_cfg, **extra)
     _check_vocab(cfg.dataset.tokenizer, vocab_size, module.net)
     module.config_snapshot = OmegaConf.to_container(cfg, resolve=True)
     module.output_dir = Path(cfg.paths.output_dir)
@@ -113,6 +125,9 @@ def checkpoint_file(ckpt_path: str | None, output_dir: str) -> Path | None:
     if not ckpt_path:
         return None
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if path.is_dir():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: {path} is a folder, not a checkpoint (an exported model "
+                                "folder: fine-tune from it with model.init_from=..., test it with laps-eval)")
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {path}")
     return path
@@ -137,22 +152,60 @@ def _test_title(datamodule: Any) -> str:
     return f"{datamodule.name} {datamodule.splits['test']} ({datamodule.protocol} protocol)"
 
 
+# ---------------------------------------------------------------------------- fine-tuning from a folder
+def init_from_folder(init_from: str) -> Path:
+    """The folder (or hub id ``owner/name``, through the cache) of ``model.init_from``, its
+    ``config.json`` checked, before any data is read."""
+    from laps.models.pretrained import read_config, resolve_folder
+
+    local = Path(str(init_from)).expanduser()
+    if local.is_file():
+        raise ValueError(f"model.init_from={init_from} is a file, not an exported model folder "
+                         "(resume or test a checkpoint with ckpt_path=...)")
+    if not local.is_dir() and not _HUB_ID.fullmatch(str(init_from)):
+        raise FileNotFoundError(f"model.init_from={init_from}: no such folder (nor a hub id owner/name)")
+    folder = resolve_folder(str(init_from))
+    read_config(folder)
+    return folder
+
+
+def load_initial_weights(module: L.LightningModule, folder: Path) -> None:
+    """Copy the weights of an exported model folder into ``module.net``, strictly: a missing, extra
+    or wrongly shaped tensor is one :class:`~laps.models.pretrained.PretrainedFormatError` naming it
+    and the folder. Weights only: the optimizer and the schedule start fresh."""
+    from laps.models.pretrained import WEIGHTS_NAME, check_state, load_folder
+
+    # Building the folder's model draws a random initialisation: the run keeps its own random streams.
+    with torch.random.fork_rng(devices=[]):
+        state = load_folder(folder).state_dict()
+    check_state(folder / WEIGHTS_NAME, module.net.state_dict(), state)
+    module.net.load_state_dict(state, strict=True)
+    log.info("model.init_from: the weights of %s (the optimizer starts fresh)", folder)
+
+
 # ---------------------------------------------------------------------------- train
 def train(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns every logged metric (``val/...`` of the last epoch,
     ``val/..._best`` the monitored metric's best value, ``test/...``). With ``train=false`` the
-    ``ckpt_path`` checkpoint is tested."""
+    ``ckpt_path`` checkpoint is tested. ``model.init_from`` (an exported folder) gives the initial
+    weights of a fit that does not resume a checkpoint."""
     validate_config(cfg)
     check_pretrained_available(cfg.get("backbone"))  # offline: fail before reading any data
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir)
     fitting = cfg.get("train", True)
     if not fitting and cfg.get("test", True) and ckpt is None:
         raise ValueError("train=false tests a checkpoint: set ckpt_path=... (or use laps-eval)")
+    init_from = OmegaConf.select(cfg, "model.init_from")
+    initial = init_from_folder(init_from) if init_from and fitting and ckpt is None else None
+    if init_from and ckpt is not None:
+        log.info("ckpt_path=%s holds every weight: model.init_from=%s is not read", ckpt, init_from)
     datamodule = build_datamodule(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, datamodule.vocab_size)
     fit_caption_length(datamodule, module)
+    if initial is not None:
+        load_initial_weights(module, initial)
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -221,20 +274,84 @@ def run_config(cfg: DictConfig, checkpoint: dict) -> DictConfig:
     return merged
 
 
-def evaluate(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
-    """Rebuild the model from the checkpoint, test it, return the ``test/...`` metrics."""
-    from laps.compat.serialization import check_state_shapes, safe_load
+def folder_config(cfg: DictConfig, folder: Path) -> DictConfig:
+    """The evaluation configuration of an exported model folder: the command line's dataset group
+    (``dataset=f30k dataset.root=...``) with the folder's data settings (``config.json``'s ``data``:
+    the tokenizer is the folder's, ``max_words``, image size, normalisation, protocol), then ``overrides``.
+    A ``dataset.KEY=`` on the command line wins over the folder's setting."""
+    from laps.models.pretrained import CONFIG_NAME, PretrainedFormatError, read_config
 
-    path = checkpoint_file(cfg.ckpt_path, cfg.paths.output_dir)
-    checkpoint = safe_load(path)
-    run_cfg = run_config(cfg, checkpoint)
+    stored = read_config(folder)
+    if not cfg.get("dataset"):
+        raise ValueError(f"ckpt_path={cfg.ckpt_path} is a model folder, which records no dataset location: "
+                         "name it with dataset=f30k|coco|synthetic dataset.root=/path/to/data")
+    data = stored.get("data")
+    if not data:
+        raise PretrainedFormatError(f"{folder / CONFIG_NAME}: no data section (tokenizer, max_words, image size): "
+                                    "write the folder with laps-export")
+    settings = {k: data[k] for k in _FOLDER_DATA if k in data}
+    settings["tokenizer"] = str(folder / str(data.get("tokenizer", ".")))
+    settings.setdefault("image_size", int(stored["vision"]["image_size"]))
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=False)
+    dataset.update({k: v for k, v in settings.items() if not _on_command_line(f"dataset.{k}")})
+    training = stored.get("training") or {}
+    run = OmegaConf.create({
+        # the folder's geometry, for what a dataset group reads from the backbone (the synthetic set's size)
+        "backbone": {"image_size": settings["image_size"], "image_mean": settings.get("image_mean"),
+                     "image_std": settings.get("image_std")},
+        "paths": OmegaConf.to_container(cfg.paths, resolve=True),
+        "dataset": dataset,
+        "model": {"pooled_weight": float(training.get("pooled_weight", 0.0))},
+    })
+    merged = OmegaConf.merge(run, cfg.get("overrides") or {})
+    merged.paths.output_dir = cfg.paths.output_dir
+    merged.model.save_sims = bool(cfg.get("save_sims", False))
+    return merged
+
+
+def folder_module(run_cfg: DictConfig, folder: Path, vocab_size: int) -> L.LightningModule:
+    """The LightningModule around the model of an exported folder (``LAPSModel.from_pretrained``), for testing."""
+    from laps.models import LAPSModel
+    from laps.training.module import LAPSLitModule
+
+    net = LAPSModel.from_pretrained(folder)
+    _check_vocab(run_cfg.dataset.tokenizer, vocab_size, net)
+    head = net.head
+    module = LAPSLitModule(
+        net, optimizer=torch.optim.AdamW,  # never stepped: the module only tests
+        selection=head.selection, attention_weight=head.attention_weight, gumbel_tau=head.gumbel_tau,
+        **OmegaConf.to_container(run_cfg.model, resolve=True),
+    )
+    module.config_snapshot = OmegaConf.to_container(run_cfg, resolve=True)
+    module.output_dir = Path(run_cfg.paths.output_dir)
+    return module
+
+
+def _seeded_datamodule(cfg: DictConfig, run_cfg: DictConfig) -> L.LightningDataModule:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(run_cfg)
-    module = build_module(run_cfg, datamodule.vocab_size)
+    return build_datamodule(run_cfg)
+
+
+def evaluate(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
+    """Rebuild the model of ``ckpt_path`` (a checkpoint, or a model folder written by ``laps-export``),
+    test it, return the ``test/...`` metrics."""
+    from laps.compat.serialization import check_state_shapes, safe_load
+
+    if Path(str(cfg.ckpt_path)).is_dir():
+        folder = Path(str(cfg.ckpt_path))
+        run_cfg = folder_config(cfg, folder)
+        datamodule = _seeded_datamodule(cfg, run_cfg)
+        module = folder_module(run_cfg, folder, datamodule.vocab_size)
+    else:
+        path = checkpoint_file(cfg.ckpt_path, cfg.paths.output_dir)
+        checkpoint = safe_load(path)
+        run_cfg = run_config(cfg, checkpoint)
+        datamodule = _seeded_datamodule(cfg, run_cfg)
+        module = build_module(run_cfg, datamodule.vocab_size)
+        check_state_shapes(path, module.state_dict(), checkpoint["state_dict"])
+        module.load_state_dict(checkpoint["state_dict"])
     fit_caption_length(datamodule, module)  # a dataset from the command line may ask for longer captions
-    check_state_shapes(path, module.state_dict(), checkpoint["state_dict"])
-    module.load_state_dict(checkpoint["state_dict"])
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
