@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from helpers.common import TINY_BERT
-from laps.cli.train import train
+from laps.training.tasks import train
 
 # The CLIP ViT-B/16 architecture at width 32 and depth 1 (random weights, no download).
 TINY_CLIP = [

@@ -19,8 +19,8 @@ from lightning import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from helpers.common import TINY_WIDTH32
-from laps.cli.train import build_datamodule, build_module
 from laps.training.module import LAPSLitModule
+from laps.training.tasks import build_datamodule, build_module
 
 # A very small ViT/BERT pair without dropout: 16 patches of 8 px, one layer each, width 32.
 TINY = [

@@ -88,7 +88,7 @@ def test_topk_stays_the_default_and_has_no_predictor() -> None:
 
 
 def test_model_selection_gumbel_trains_through_the_framework(make_cfg) -> None:
-    from laps.cli.train import train
+    from laps.training.tasks import train
 
     cfg = make_cfg(["model.selection=gumbel", "model.gumbel_tau=0.5", "trainer=cpu", "logger=csv", "debug=fdr"])
     metrics = train(cfg)

@@ -19,9 +19,8 @@ from helpers.common import rel_err
 from helpers.pickles import unrestricted_unpickle
 from helpers.standins import build_wordpiece_vocab, make_f30k_standin, read_lines, shared_data
 from laps.cli import import_official
-from laps.cli.eval import evaluate, run_config
-from laps.cli.train import build_datamodule, build_module, checkpoint_file
 from laps.compat.serialization import safe_load
+from laps.training.tasks import build_datamodule, build_module, checkpoint_file, evaluate, run_config
 
 CASES = ["official_tiny", "official_tiny_swin"]
 TOL = 1e-4
@@ -55,7 +54,7 @@ def test_imported_checkpoint_reproduces_official(name: str, vocab1000: Path, f30
     assert stored["laps_config"]["backbone"]["pretrained"] is False  # nothing to download: weights are in the file
     assert stored["laps_config"]["dataset"]["tokenizer"] == str(vocab1000)
 
-    # The eval path, as laps.cli.eval.evaluate builds it (laps-eval ckpt_path=... +overrides.dataset.root=...).
+    # The eval path, as laps.training.tasks.evaluate builds it (laps-eval ckpt_path=... +overrides.dataset.root=...).
     cfg = compose_train([f"ckpt_path={out}", "trainer=cpu", f"+overrides.dataset.root={f30k_small}",
                          "+overrides.dataset.num_workers=0"], tmp_path / "eval", tmp_path, "eval")
     checkpoint = safe_load(checkpoint_file(cfg.ckpt_path, cfg.paths.output_dir))

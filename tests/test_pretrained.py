@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from helpers.standins import build_wordpiece_vocab, make_f30k_standin, read_lines, shared_data
-from laps.cli.train import build_datamodule, build_module, train
+from laps.training.tasks import build_datamodule, build_module, train
 
 VIT_TINY = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
             "num_attention_heads": 2, "intermediate_size": 64}

@@ -1,6 +1,6 @@
 """The real-data evaluation path end to end: the real F30K test split and COCO testall/dev caption and id
 files (``/work/shared/data``) with small generated images named as the real files, a WordPiece vocabulary
-built from the captions, a tiny-encoder checkpoint, and ``laps-eval`` (``laps.cli.eval.evaluate``) with the
+built from the captions, a tiny-encoder checkpoint, and ``laps-eval`` (``laps.training.tasks.evaluate``) with the
 full protocols: F30K 1K (1,000 images x 5,000 captions), COCO 5K and the mean of five folds of 1,000.
 
 The metrics must equal :func:`laps.metrics.retrieval_metrics` / :func:`laps.metrics.coco_1k_metrics` applied
@@ -37,12 +37,11 @@ from helpers.standins import (
     write_tiny_checkpoint,
 )
 from laps.cli.check_data import check_dataset
-from laps.cli.eval import evaluate
-from laps.cli.train import train
 from laps.data.datasets import DataError, load_split, pad_input_ids
 from laps.data.tokenization import CaptionTokenizer
 from laps.data.transforms import build_transform
 from laps.metrics import coco_1k_metrics, retrieval_metrics
+from laps.training.tasks import evaluate, train
 
 MAX_WORDS = 12  # word pieces per caption: keeps the 5,000 x 25,000 scoring in minutes on 2 CPU cores
 IMAGE_SIZE = 16
@@ -92,8 +91,8 @@ def run_eval(real: SimpleNamespace, name: str, root: Path, out: Path, *extra: st
 
 
 def test_eval_keeps_the_checkpoints_tokenizer_when_the_dataset_is_replaced(real: SimpleNamespace, tmp_path: Path) -> None:
-    from laps.cli.eval import run_config
     from laps.compat.serialization import safe_load
+    from laps.training.tasks import run_config
 
     checkpoint = safe_load(real.ckpt)
     base = [f"ckpt_path={real.ckpt}", "dataset=coco", f"dataset.root={real.coco_dev}"]
@@ -116,8 +115,8 @@ def model_scores(real: SimpleNamespace, image_files: list[Path], captions: list[
     """The checkpoint's model scoring image files and caption strings directly (no dataset code)."""
     from omegaconf import OmegaConf
 
-    from laps.cli.train import build_module
     from laps.compat.serialization import safe_load
+    from laps.training.tasks import build_module
 
     ckpt = safe_load(real.ckpt)
     tok = CaptionTokenizer(real.vocab, max_words=MAX_WORDS)

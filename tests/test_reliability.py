@@ -1,6 +1,6 @@
 """Faults in, nothing lost: bad images and captions, bad settings, NaN/Inf steps, hostile checkpoint files.
 
-Every test drives the real training code (``laps.cli.train.train`` or the Trainer built from the same
+Every test drives the real training code (``laps.training.tasks.train`` or the Trainer built from the same
 configuration) on the tiny synthetic set; faults are injected from the test only (a corrupted copy of the
 data, a monkeypatched loss), never through test-only branches in the library.
 """
@@ -24,12 +24,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY_SYNTHETIC
-from laps.cli.eval import evaluate
-from laps.cli.train import build_datamodule, build_module, train
 from laps.compat.serialization import UnsafeCheckpointError, safe_load
 from laps.data.datasets import DataError, load_split, open_image
 from laps.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, SeededShuffleSampler
 from laps.training.module import LAPSLitModule, NonFiniteLossError
+from laps.training.tasks import build_datamodule, build_module, evaluate, train
 
 SYNTHETIC = {"seed": 0, "n_train": 96, "n_dev": 12, "n_test": 12, "image_size": 64}  # = conftest's TINY_SYNTHETIC
 BASE = ["trainer=cpu", "logger=csv", "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0", "test=false",

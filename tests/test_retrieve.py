@@ -185,8 +185,8 @@ def _stage1_hits(engine, index, queries: list[str], truth: list[str], prerank: s
 def _trained_search_set(work: Path, overrides: list[str]) -> tuple[Any, dict, list[str], list[str], dict, float]:
     """Train the small model, index its 100 test images: engine, index, the 500 test captions, each
     caption's image file name, laps-train's metrics and the training time."""
-    from laps.cli.train import train
     from laps.data.datasets import load_split
+    from laps.training.tasks import train
 
     torch.manual_seed(0)
     cfg = compose_train([*TRAIN, *overrides], work / "run", work / "data")

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers.common import TINY_BERT, TINY_VIT
-from laps.cli.eval import evaluate
-from laps.cli.train import train
+from laps.training.tasks import evaluate, train
 
 TINY_SWIN = [
     "backbone=swin", "backbone.pretrained=false", "backbone.embed_size=32",
@@ -119,7 +118,7 @@ def test_pooled_weight_trains_the_pooled_loss(make_cfg) -> None:
 def test_compile_keeps_parameter_names(make_cfg) -> None:
     """compile=true compiles the encoders in place: the optimizer's backbone group (0.1x lr) and the
     checkpoint keys still find ``net.vision.backbone.*`` and ``net.text.backbone.*``."""
-    from laps.cli.train import build_module
+    from laps.training.tasks import build_module
 
     plain = build_module(make_cfg(["backbone=tiny"], name="plain"), 64)
     compiled = build_module(make_cfg(["backbone=tiny", "compile=true"], name="compiled"), 64)

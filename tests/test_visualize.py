@@ -112,7 +112,7 @@ def test_explain_matches_the_official_release(file: str) -> None:
 # ---------------------------------------------------------------------------- checkpoint, inference, CLI
 def write_checkpoint(cfg, path: Path) -> Path:
     """``{"state_dict", "laps_config"}`` of the composed train config (random weights), as laps-train saves."""
-    from laps.cli.train import build_datamodule, build_module
+    from laps.training.tasks import build_datamodule, build_module
 
     module = build_module(cfg, build_datamodule(cfg).vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,10 +136,10 @@ def _test_image(cfg) -> tuple[Path, list[str]]:
 
 
 def test_load_for_inference_matches_the_model(tiny_ckpt) -> None:
-    from laps.cli.train import build_module
     from laps.data.datasets import open_image
     from laps.data.transforms import build_transform
     from laps.inference import load_for_inference
+    from laps.training.tasks import build_module
 
     ckpt, cfg = tiny_ckpt
     engine = load_for_inference(ckpt, device="cpu")

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from helpers.common import TINY_WIDTH32
-from laps.cli.train import train
 from laps.training import callbacks as cb
+from laps.training.tasks import train
 
 TINY = ["backbone=tiny", *TINY_WIDTH32]
 

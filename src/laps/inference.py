@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "InferenceModel",
-    "disable_pretrained",
     "eval_transform",
     "inference_config",
     "load_for_inference",
@@ -72,6 +71,8 @@ def inference_config(stored: dict[str, Any], overrides: dict[str, Any] | None = 
     """
     from omegaconf import OmegaConf, open_dict
 
+    from laps.models.hub import disable_pretrained
+
     cfg = OmegaConf.create(stored)
     with open_dict(cfg):
         disable_pretrained(cfg)
@@ -79,17 +80,6 @@ def inference_config(stored: dict[str, Any], overrides: dict[str, Any] | None = 
     if overrides:
         cfg = OmegaConf.merge(cfg, overrides)
     return cfg
-
-
-def disable_pretrained(cfg: Any) -> None:
-    """Set ``pretrained: false`` on every backbone node of a run configuration, in place: rebuilt
-    from a checkpoint, which holds every weight, nothing is downloaded."""
-    from omegaconf import OmegaConf
-
-    for key in ("backbone", "backbone.vision", "backbone.text", "model.net.vision", "model.net.text"):
-        node = OmegaConf.select(cfg, key)
-        if node is not None and "pretrained" in node:
-            node.pretrained = False
 
 
 def eval_transform(

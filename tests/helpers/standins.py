@@ -135,7 +135,7 @@ def write_tiny_checkpoint(cfg, path: str | Path) -> Path:
     save ``{"state_dict", "laps_config"}`` as ``laps-import-official`` does; ``laps-eval`` reads it."""
     import torch
 
-    from laps.cli.train import build_datamodule, build_module
+    from laps.training.tasks import build_datamodule, build_module
 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.vocab_size)

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
-import logging
 import os
 import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-log = logging.getLogger("laps")
+from omegaconf import OmegaConf
 
 # Errors a user can fix from the command line: reported in one line, not as a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError, KeyError)
@@ -91,32 +86,6 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-_NUMBERS = ("model.optimizer.lr", "model.optimizer.weight_decay", "model.margin", "model.ratio_weight",
-            "model.backbone_lr_mult", "model.pooled_weight", "trainer.gradient_clip_val")
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Checks that need no model or data, naming the key at fault."""
-    for key in ("ratios.sparse_ratio", "ratios.aggr_ratio"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
-            raise ValueError(f"{key} must be in (0, 1], got {value!r}")
-    for key in _NUMBERS:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator") or "")
-    if accelerator in ("gpu", "cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: "
-                             "use trainer=cpu or trainer=default")
-    batch = OmegaConf.select(cfg, "dataset.batch_size")
-    if batch is not None and int(batch) < 2:
-        raise ValueError(f"dataset.batch_size must be at least 2 (the contrastive loss needs negatives), got {batch}")
-
-
 def metrics_table(metrics: dict[str, float], title: str) -> None:
     """Print a rich table of retrieval metrics grouped by prefix (``test/``, ``test_1k/``)."""
     from rich.console import Console
@@ -131,10 +100,3 @@ def metrics_table(metrics: dict[str, float], title: str) -> None:
     for row in rows:
         table.add_row(*row[:2], *("" if v is None else f"{v:.1f}" for v in row[2:]))
     Console().print(table)
-
-
-def write_metrics(metrics: dict[str, float], output_dir: str | Path) -> Path:
-    path = Path(output_dir) / "metrics.json"
-    path.write_text(json.dumps({k: float(v) for k, v in sorted(metrics.items())}, indent=2))
-    log.info("metrics written to %s", path)
-    return path

@@ -65,6 +65,17 @@ def check_pretrained_available(backbone: Any) -> None:
             raise BackboneUnavailableError(_offline_message(name, None, f"backbone.{part}.name_or_path"))
 
 
+def disable_pretrained(cfg: Any) -> None:
+    """Set ``pretrained: false`` on every backbone node of a run configuration, in place: rebuilt
+    from a checkpoint, which holds every weight, nothing is downloaded."""
+    from omegaconf import OmegaConf
+
+    for key in ("backbone", "backbone.vision", "backbone.text", "model.net.vision", "model.net.text"):
+        node = OmegaConf.select(cfg, key)
+        if node is not None and "pretrained" in node:
+            node.pretrained = False
+
+
 def hf_config(name_or_path: str, overrides: dict[str, Any] | None = None, option: str = "backbone.vision"):
     """A transformers config from a local folder/file, a known base architecture, or the hub/cache."""
     from transformers import AutoConfig
