@@ -2,7 +2,8 @@
 
 ``laps-train`` holds ``<run folder>/.laps-run.lock`` while it trains and tests. A second run on the
 same folder (the same ``hydra.run.dir``) is refused with :class:`RunFolderLockedError` naming the
-holder, before it reads or deletes anything there. A lock whose holder is gone (the same host, no
+holder, before it reads or deletes anything there: ``laps.cli.run_folder.RunFolderCheck`` takes the
+lock before Hydra writes its ``.hydra`` files, and the task keeps it. A lock whose holder is gone (the same host, no
 such process: a run that was killed) is stale and taken over, with a warning. A lock held from
 another host cannot be checked from here: it is honoured, and the message says which file to delete
 once that run is known to be over.
@@ -11,7 +12,6 @@ once that run is known to be over.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -25,7 +25,8 @@ from laps.paths import new_file_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "RunFolderLockedError", "holder_alive", "run_folder_lock"]
+__all__ = ["LOCK_NAME", "RunFolderLockedError", "acquire_run_lock", "holder_alive", "is_first_process",
+           "release_run_lock", "run_folder_lock"]
 
 LOCK_NAME = ".laps-run.lock"
 # A lock file younger than this with no holder written yet is being created: not stale.
@@ -78,24 +79,34 @@ def _refusal(path: Path, holder: dict[str, Any] | None) -> RunFolderLockedError:
     who = "another run" if holder is None else (
         f"pid {holder['pid']} on {holder.get('host', '?')} (since {holder.get('started', '?')})")
     return RunFolderLockedError(
-        errno.EBUSY,
         f"the run folder {path.parent} is in use by {who}: wait for it, choose another hydra.run.dir, "
         f"or delete {path} if that run is over",
     )
 
 
-def _acquire(folder: Path) -> Path:
+def is_first_process() -> bool:
+    """Whether this is the process that started the run (rank zero of its launcher, or no launcher):
+    the other ranks share its run folder and its lock."""
+    return all(int(os.environ.get(key) or 0) == 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def acquire_run_lock(folder: str | os.PathLike) -> Path:
+    """Take ``folder``'s lock (kept if this process holds it already); :class:`RunFolderLockedError`
+    when a live run holds it. Release it with :func:`release_run_lock`."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     for _ in range(3):
         if _create(path):
             return path
         holder = _read(path)
+        if holder is not None and _is_me(holder):
+            return path
         if holder is None:
             with contextlib.suppress(FileNotFoundError):
                 if time.time() - path.stat().st_mtime < _WRITING_GRACE_S:
                     raise _refusal(path, None)
-        elif holder_alive(holder) and int(holder["pid"]) != os.getpid():
+        elif holder_alive(holder):
             raise _refusal(path, holder)
         log.warning("taking over the stale lock %s (%s)", path,
                     "unreadable" if holder is None else f"pid {holder['pid']} on {holder.get('host')} is gone")
@@ -104,10 +115,15 @@ def _acquire(folder: Path) -> Path:
     raise _refusal(path, _read(path))
 
 
-def _release(path: Path) -> None:
-    """Remove the lock if it is still this process's."""
+def _is_me(holder: dict[str, Any]) -> bool:
+    return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+
+
+def release_run_lock(path: str | os.PathLike) -> None:
+    """Remove the lock file ``path`` if it is still this process's."""
+    path = Path(path)
     holder = _read(path)
-    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+    if holder is not None and _is_me(holder):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -119,8 +135,8 @@ def run_folder_lock(folder: str | os.PathLike, enabled: bool = True) -> Iterator
     if not enabled:
         yield None
         return
-    path = _acquire(Path(folder))
+    path = acquire_run_lock(folder)
     try:
         yield path
     finally:
-        _release(path)
+        release_run_lock(path)

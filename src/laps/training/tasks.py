@@ -18,8 +18,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from laps.models.head import check_ratio
 from laps.models.hub import check_pretrained_available, disable_pretrained
 from laps.training.callbacks import finish_loggers
+from laps.training.runlock import is_first_process, run_folder_lock
 
 log = logging.getLogger("laps")
 
@@ -38,9 +40,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Checks that need no model or data, naming the key at fault (``dataset.batch_size`` is the
     data module's, checked when it is built, before any data is read)."""
     for key in ("ratios.sparse_ratio", "ratios.aggr_ratio"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
-            raise ValueError(f"{key} must be in (0, 1], got {value!r}")
+        check_ratio(key, OmegaConf.select(cfg, key))
     for key in _NUMBERS:
         value = OmegaConf.select(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -188,8 +188,14 @@ def train(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns every logged metric (``val/...`` of the last epoch,
     ``val/..._best`` the monitored metric's best value, ``test/...``). With ``train=false`` the
     ``ckpt_path`` checkpoint is tested. ``model.init_from`` (an exported folder) gives the initial
-    weights of a fit that does not resume a checkpoint."""
+    weights of a fit that does not resume a checkpoint. The run folder is locked while it runs
+    (:mod:`laps.training.runlock`): a second run on it is refused before it reads or changes anything."""
     validate_config(cfg)
+    with run_folder_lock(cfg.paths.output_dir, enabled=is_first_process()):
+        return _train(cfg, report)
+
+
+def _train(cfg: DictConfig, report: Report | None) -> dict[str, float]:
     check_pretrained_available(cfg.get("backbone"))  # offline: fail before reading any data
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir)
     fitting = cfg.get("train", True)
