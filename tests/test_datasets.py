@@ -14,16 +14,18 @@ from torch.utils.data import DataLoader
 
 from laps.data.datasets import (
     CaptionDataset,
-    DataError,
     ImageDataset,
     PairDataset,
-    SplitIndex,
     collate_pairs,
+    open_image,
+    pad_input_ids,
+)
+from laps.data.splits import (
+    DataError,
+    SplitIndex,
     load_id_mapping,
     load_split,
     load_split_from_config,
-    open_image,
-    pad_input_ids,
     read_split,
 )
 from laps.data.tokenization import CaptionTokenizer

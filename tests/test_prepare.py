@@ -13,8 +13,8 @@ from rich.console import Console
 
 from laps.cli import prepare_data
 from laps.cli.check_data import check_dataset, render_report
-from laps.data.datasets import DataError, SplitIndex, load_id_mapping, load_split, read_split
 from laps.data.prepare import build_coco_mapping, convert_karpathy, karpathy_to_splits
+from laps.data.splits import DataError, SplitIndex, load_id_mapping, load_split, read_split
 
 REPO = Path(__file__).resolve().parents[1]
 

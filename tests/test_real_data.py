@@ -39,7 +39,8 @@ from helpers.standins import (
 from laps.cli.check_data import check_dataset
 from laps.cli.eval import evaluate
 from laps.cli.train import train
-from laps.data.datasets import DataError, load_split, pad_input_ids
+from laps.data.datasets import pad_input_ids
+from laps.data.splits import DataError, load_split
 from laps.data.tokenization import CaptionTokenizer
 from laps.data.transforms import build_transform
 from laps.metrics import coco_1k_metrics, retrieval_metrics

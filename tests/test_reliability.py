@@ -27,7 +27,8 @@ from conftest import TINY_SYNTHETIC
 from laps.cli.eval import evaluate
 from laps.cli.train import build_datamodule, build_module, train
 from laps.compat.serialization import UnsafeCheckpointError, safe_load
-from laps.data.datasets import DataError, load_split, open_image
+from laps.data.datasets import open_image
+from laps.data.splits import DataError, load_split
 from laps.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, SeededShuffleSampler
 from laps.training.module import LAPSLitModule, NonFiniteLossError
 

@@ -119,7 +119,7 @@ class LAPSDataModule(LightningDataModule):
         return self.tokenizer.vocab_size
 
     def _split(self, stage: str):
-        from laps.data.datasets import load_split
+        from laps.data.splits import load_split
 
         if stage not in self._sets:
             self._sets[stage] = load_split(self.root, self.splits[stage], self.images_dir, self.id_mapping)

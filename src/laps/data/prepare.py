@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from laps.data.datasets import DataError
+from laps.data.splits import DataError
 from laps.paths import new_file_mode
 
 __all__ = [
