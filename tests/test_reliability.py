@@ -28,8 +28,9 @@ from laps.cli.eval import evaluate
 from laps.cli.train import build_datamodule, build_module, train
 from laps.compat.serialization import UnsafeCheckpointError, safe_load
 from laps.data.datasets import open_image
+from laps.data.sampler import SeededShuffleSampler
 from laps.data.splits import DataError, load_split
-from laps.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, SeededShuffleSampler
+from laps.training.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from laps.training.module import LAPSLitModule, NonFiniteLossError
 
 SYNTHETIC = {"seed": 0, "n_train": 96, "n_dev": 12, "n_test": 12, "image_size": 64}  # = conftest's TINY_SYNTHETIC

@@ -11,6 +11,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from laps.data.sampler import SeededShuffleSampler
 from laps.data.transforms import build_transform
 from laps.models.backbones import TEXT_ENCODER
 
@@ -39,7 +40,7 @@ class LAPSDataModule(LightningDataModule):
 
     The training loader is a :class:`torchdata.stateful_dataloader.StatefulDataLoader`: Lightning stores
     its position in every checkpoint and a resumed run continues the interrupted epoch with the same
-    batches. Its order is :class:`laps.training.checkpointing.SeededShuffleSampler` (a function of
+    batches. Its order is :class:`laps.data.sampler.SeededShuffleSampler` (a function of
     ``seed`` and the epoch only, this rank's share of it on several processes).
     """
 
@@ -160,8 +161,6 @@ class LAPSDataModule(LightningDataModule):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch 2.9+
-
-        from laps.training.checkpointing import SeededShuffleSampler
 
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
         trainer = getattr(self, "trainer", None)

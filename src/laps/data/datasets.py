@@ -160,7 +160,7 @@ class PairDataset(Dataset, _ImageLoading):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """Item of caption line ``key``, or of ``key = (line, seed)`` (what
-        :class:`laps.training.checkpointing.SeededShuffleSampler` yields): the random crop, flip and caption
+        :class:`laps.data.sampler.SeededShuffleSampler` yields): the random crop, flip and caption
         augmentation of the item then come from ``seed`` alone, the same in any process or worker and after
         a restart, and the global generators are left untouched."""
         index, seed = key if isinstance(key, tuple) else (key, None)
