@@ -195,14 +195,14 @@ def test_pair_dataset_and_collate(tmp_path: Path, tokenizer: CaptionTokenizer) -
     ds = PairDataset(data, tokenizer, image_size=32, augment=False)
     assert len(ds) == 7
     item = ds[3]
-    assert item["image"].shape == (3, 32, 32) and item["img_id"] == 1 and item["index"] == 3
+    assert item["image"].shape == (3, 32, 32) and item["image_index"] == 1 and item["index"] == 3
     assert tokenizer.convert_ids_to_tokens(item["input_ids"]) == ["[CLS]", "blue", "square", ".", "[SEP]"]
     batch = ds.collate([ds[i] for i in range(7)])
     assert batch["images"].shape == (7, 3, 32, 32) and batch["images"].dtype == torch.float32
     assert batch["input_ids"].shape == (7, 8) and batch["input_ids"].dtype == torch.long
     assert batch["lengths"].tolist() == [6, 8, 5, 5, 5, 8, 4]
     assert batch["input_ids"][6, 4:].tolist() == [tokenizer.pad_id] * 4
-    assert batch["img_ids"].tolist() == [0, 0, 1, 1, 1, 2, 0]
+    assert batch["image_indices"].tolist() == [0, 0, 1, 1, 1, 2, 0]
     assert batch["indices"].tolist() == list(range(7)) and batch["skipped"] == []
 
 
@@ -223,7 +223,7 @@ def test_eval_datasets(tmp_path: Path, tokenizer: CaptionTokenizer) -> None:
     caps = CaptionDataset(data, tokenizer)
     assert len(caps) == 7 and caps[6]["image_index"] == 0 and caps[6]["index"] == 6
     cb = caps.collate([caps[i] for i in range(7)])
-    assert cb["img_ids"].tolist() == [0, 0, 1, 1, 1, 2, 0] and cb["input_ids"].shape == (7, 8)
+    assert cb["image_indices"].tolist() == [0, 0, 1, 1, 1, 2, 0] and cb["input_ids"].shape == (7, 8)
     assert cb["lengths"].dtype == torch.long
 
 
@@ -287,7 +287,7 @@ def test_bad_image_skip(
     assert caplog.text.count("img1.jpg") == 1 and caplog.text.count("img2.jpg") == 1  # once per file
     assert ds.bad_files == {str(tmp_path / "images" / "img1.jpg"), str(tmp_path / "images" / "img2.jpg")}
     batch = ds.collate(items[:7])
-    assert batch["indices"].tolist() == [0, 1, 6] and batch["img_ids"].tolist() == [0, 0, 0]
+    assert batch["indices"].tolist() == [0, 1, 6] and batch["image_indices"].tolist() == [0, 0, 0]
     assert batch["images"].shape == (3, 3, 16, 16) and batch["input_ids"].shape[0] == 3
     assert len(batch["skipped"]) == 4
     empty = ds.collate(items[2:6])
@@ -303,7 +303,7 @@ def test_bad_image_skip(
 
 
 def test_collate_pairs_module_function() -> None:
-    items = [{"image": torch.zeros(3, 4, 4), "input_ids": [2, 3], "img_id": 1, "index": 0}]
+    items = [{"image": torch.zeros(3, 4, 4), "input_ids": [2, 3], "image_index": 1, "index": 0}]
     batch = collate_pairs(items, pad_id=0)
     assert batch["images"].shape == (1, 3, 4, 4) and batch["lengths"].tolist() == [2]
 

@@ -128,7 +128,7 @@ def _item_rng() -> random.Random:
 class PairDataset(Dataset, _ImageLoading):
     """Training pairs: one item per caption line, with its image.
 
-    Item: ``dict(image=Tensor (3,H,W) or None when skipped, input_ids=list[int], img_id=int image index,
+    Item: ``dict(image=Tensor (3,H,W) or None when skipped, input_ids=list[int], image_index=int,
     index=int caption line)``, plus ``bad_file=str`` for a skipped image. Use :meth:`collate`.
 
     Args:
@@ -164,12 +164,12 @@ class PairDataset(Dataset, _ImageLoading):
         augmentation of the item then come from ``seed`` alone, the same in any process or worker and after
         a restart, and the global generators are left untouched."""
         index, seed = key if isinstance(key, tuple) else (key, None)
-        img_id = self.data.index.caption_image[index]
-        image = self._load(img_id, index)
+        image_index = self.data.index.caption_image[index]
+        image = self._load(image_index, index)
         if image is None:
             return {
-                "image": None, "input_ids": [], "img_id": img_id, "index": index,
-                "bad_file": str(self.data.image_paths[img_id]),
+                "image": None, "input_ids": [], "image_index": image_index, "index": index,
+                "bad_file": str(self.data.image_paths[image_index]),
             }
         truncated_before = self.tokenizer.num_truncated
         rng = None
@@ -183,7 +183,8 @@ class PairDataset(Dataset, _ImageLoading):
                 torch.random.default_generator.manual_seed(seed)
                 pixels = self.transform(image)
         truncated = self.tokenizer.num_truncated > truncated_before  # counted per batch, across workers
-        return {"image": pixels, "input_ids": input_ids, "img_id": img_id, "index": index, "truncated": truncated}
+        return {"image": pixels, "input_ids": input_ids, "image_index": image_index, "index": index,
+                "truncated": truncated}
 
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """:func:`collate_pairs` with this tokenizer's pad id."""
@@ -266,8 +267,8 @@ def collate_pairs(
     """Training batch; pairs whose image was skipped are dropped.
 
     Returns:
-        ``images (B,3,H,W)``, ``input_ids (B,L)`` padded with ``pad_id``, ``lengths (B,)``, ``img_ids (B,)``
-        (image index in the split), ``indices (B,)`` (caption line), all long but images; ``skipped``:
+        ``images (B,3,H,W)``, ``input_ids (B,L)`` padded with ``pad_id``, ``lengths (B,)``,
+        ``image_indices (B,)`` (image index in the split), ``indices (B,)`` (caption line), all long but images; ``skipped``:
         list of the bad image files dropped; ``truncated``: how many kept captions were cut to ``max_words``.
         ``B`` may be 0 when all were skipped (images then ``(0,3,S,S)`` with ``S = image_size or 0``).
     """
@@ -283,7 +284,7 @@ def collate_pairs(
         "images": images,
         "input_ids": input_ids,
         "lengths": lengths,
-        "img_ids": torch.tensor([it["img_id"] for it in kept], dtype=torch.long),
+        "image_indices": torch.tensor([it["image_index"] for it in kept], dtype=torch.long),
         "indices": torch.tensor([it["index"] for it in kept], dtype=torch.long),
         "skipped": skipped,
         "truncated": sum(bool(it.get("truncated", False)) for it in kept),
@@ -300,12 +301,12 @@ def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def collate_captions(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
-    """Evaluation captions: ``input_ids (B,L)``, ``lengths (B,)``, ``img_ids (B,)`` (image index of each
-    caption), ``indices (B,)`` (caption line), all long."""
+    """Evaluation captions: ``input_ids (B,L)``, ``lengths (B,)``, ``image_indices (B,)`` (image
+    index of each caption), ``indices (B,)`` (caption line), all long."""
     input_ids, lengths = pad_input_ids([it["input_ids"] for it in items], pad_id)
     return {
         "input_ids": input_ids,
         "lengths": lengths,
-        "img_ids": torch.tensor([it["image_index"] for it in items], dtype=torch.long),
+        "image_indices": torch.tensor([it["image_index"] for it in items], dtype=torch.long),
         "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
     }
