@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from laps.data.datamodule import LAPSDataModule
 from laps.data.datasets import (
     CaptionDataset,
     ImageDataset,
@@ -298,8 +299,15 @@ def test_bad_image_skip(
     black = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
     assert torch.allclose(b["images"][1].mean(dim=(1, 2)), black, atol=1e-4)
     assert images.bad_files == ds.bad_files
-    with pytest.raises(ValueError, match="on_bad_image"):
-        ImageDataset(data, on_bad_image="ignore")
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: ImageDataset(load_split(make_dataset(tmp), "test", "images"), on_bad_image="ignore"),
+    lambda tmp: LAPSDataModule(name="f30k", root=str(tmp), on_bad_image="ignore"),
+], ids=["dataset", "datamodule"])
+def test_on_bad_image_is_checked_against_the_one_list(tmp_path: Path, make) -> None:
+    with pytest.raises(ValueError, match=r"dataset\.on_bad_image must be 'error' or 'skip', got 'ignore'"):
+        make(tmp_path)
 
 
 def test_collate_pairs_module_function() -> None:

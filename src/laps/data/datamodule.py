@@ -11,7 +11,10 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from laps.data.datasets import CaptionDataset, ImageDataset, PairDataset, check_on_bad_image
 from laps.data.sampler import SeededShuffleSampler
+from laps.data.splits import load_split
+from laps.data.tokenization import CaptionTokenizer
 from laps.data.transforms import build_transform
 from laps.models.backbones import TEXT_ENCODER
 
@@ -69,8 +72,7 @@ class LAPSDataModule(LightningDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"dataset.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        check_on_bad_image(on_bad_image)
         if batch_size < 2:
             raise ValueError(f"dataset.batch_size must be at least 2 (the contrastive loss needs negatives), got {batch_size}")
         self.name = name
@@ -110,8 +112,6 @@ class LAPSDataModule(LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from laps.data.tokenization import CaptionTokenizer
-
             self._tokenizer = CaptionTokenizer(self.tokenizer_name, max_words=self.max_words)
         return self._tokenizer
 
@@ -120,8 +120,6 @@ class LAPSDataModule(LightningDataModule):
         return self.tokenizer.vocab_size
 
     def _split(self, stage: str):
-        from laps.data.splits import load_split
-
         if stage not in self._sets:
             self._sets[stage] = load_split(self.root, self.splits[stage], self.images_dir, self.id_mapping)
         return self._sets[stage]
@@ -145,8 +143,6 @@ class LAPSDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        from laps.data.datasets import PairDataset
-
         ds = PairDataset(
             self._split("train"), self.tokenizer, image_size=self.image_size,
             transform=build_transform(self.image_size, True, self.image_mean, self.image_std),
@@ -183,8 +179,6 @@ class LAPSDataModule(LightningDataModule):
         )
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
-        from laps.data.datasets import CaptionDataset, ImageDataset
-
         split = self._split(stage)
         transform = build_transform(self.image_size, False, self.image_mean, self.image_std)
         images = ImageDataset(split, transform=transform, image_size=self.image_size, on_bad_image=self.on_bad_image)

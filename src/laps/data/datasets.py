@@ -34,6 +34,7 @@ __all__ = [
     "CaptionDataset",
     "ImageDataset",
     "PairDataset",
+    "check_on_bad_image",
     "collate_captions",
     "collate_images",
     "collate_pairs",
@@ -44,6 +45,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ON_BAD_IMAGE = ("error", "skip")
+
+
+def check_on_bad_image(value: str) -> str:
+    """``value`` if it is one of :data:`ON_BAD_IMAGE`, else a ``ValueError`` naming ``dataset.on_bad_image``."""
+    if value not in ON_BAD_IMAGE:
+        allowed = " or ".join(repr(v) for v in ON_BAD_IMAGE)
+        raise ValueError(f"dataset.on_bad_image must be {allowed}, got {value!r}")
+    return value
 
 
 class BadImageError(DataError):
@@ -90,9 +99,7 @@ class _ImageLoading:
     data: SplitData
 
     def _init_policy(self, on_bad_image: str) -> None:
-        if on_bad_image not in ON_BAD_IMAGE:
-            raise ValueError(f"dataset.on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
-        self.on_bad_image = on_bad_image
+        self.on_bad_image = check_on_bad_image(on_bad_image)
         self.bad_files: set[str] = set()
 
     def _load(self, image_index: int, line: int) -> Image.Image | None:
