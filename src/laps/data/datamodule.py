@@ -130,17 +130,14 @@ class LAPSDataModule(LightningDataModule):
             self._split(s)
 
     # ------------------------------------------------------------------ loaders
+    def _worker_options(self) -> dict[str, Any]:
+        """The DataLoader options every loader shares: workers and pinned memory."""
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                "persistent_workers": self.num_workers > 0}
+
     def _loader(self, dataset, batch_size: int, collate) -> DataLoader:
         """An evaluation loader: in order, nothing dropped."""
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate,
-        )
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, **self._worker_options())
 
     def train_dataloader(self) -> DataLoader:
         ds = PairDataset(
@@ -171,10 +168,8 @@ class LAPSDataModule(LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
             collate_fn=ds.collate,
+            **self._worker_options(),
             generator=torch.Generator().manual_seed(seed),  # worker seeds, not the global generator
         )
 

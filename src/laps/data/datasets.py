@@ -98,7 +98,18 @@ class _ImageLoading:
 
     data: SplitData
 
-    def _init_policy(self, on_bad_image: str) -> None:
+    def _init_images(
+        self,
+        data: SplitData,
+        transform: Callable[[Image.Image], Tensor] | None,
+        image_size: int,
+        train: bool,
+        on_bad_image: str,
+    ) -> None:
+        """Set the split, the transform (default: :func:`_default_transform`) and the bad-image policy."""
+        self.data = data
+        self.image_size = int(image_size)
+        self.transform = transform if transform is not None else _default_transform(self.image_size, train)
         self.on_bad_image = check_on_bad_image(on_bad_image)
         self.bad_files: set[str] = set()
 
@@ -153,14 +164,9 @@ class PairDataset(Dataset, _ImageLoading):
         augment: bool = False,
         on_bad_image: str = "error",
     ) -> None:
-        self.data = data
+        self._init_images(data, transform, image_size, True, on_bad_image)
         self.tokenizer = tokenizer
-        self.image_size = int(image_size)
-        if transform is None:
-            transform = _default_transform(self.image_size, train=True)
-        self.transform = transform
         self.augment = bool(augment)
-        self._init_policy(on_bad_image)
 
     def __len__(self) -> int:
         return self.data.num_captions
@@ -212,12 +218,7 @@ class ImageDataset(Dataset, _ImageLoading):
         image_size: int = 224,
         on_bad_image: str = "error",
     ) -> None:
-        self.data = data
-        self.image_size = int(image_size)
-        if transform is None:
-            transform = _default_transform(self.image_size, train=False)
-        self.transform = transform
-        self._init_policy(on_bad_image)
+        self._init_images(data, transform, image_size, False, on_bad_image)
 
     def __len__(self) -> int:
         return self.data.num_images
@@ -268,6 +269,18 @@ def pad_input_ids(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tenso
     return out, lengths
 
 
+def _caption_fields(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
+    """``input_ids (B,L)`` padded with ``pad_id``, ``lengths (B,)``, ``image_indices (B,)`` (image index
+    in the split), ``indices (B,)`` (caption line), all long."""
+    input_ids, lengths = pad_input_ids([it["input_ids"] for it in items], pad_id)
+    return {
+        "input_ids": input_ids,
+        "lengths": lengths,
+        "image_indices": torch.tensor([it["image_index"] for it in items], dtype=torch.long),
+        "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
+    }
+
+
 def collate_pairs(
     items: Sequence[dict[str, Any]], pad_id: int = 0, image_size: int | None = None
 ) -> dict[str, Any]:
@@ -275,8 +288,9 @@ def collate_pairs(
 
     Returns:
         ``images (B,3,H,W)``, ``input_ids (B,L)`` padded with ``pad_id``, ``lengths (B,)``,
-        ``image_indices (B,)`` (image index in the split), ``indices (B,)`` (caption line), all long but images; ``skipped``:
-        list of the bad image files dropped; ``truncated``: how many kept captions were cut to ``max_words``.
+        ``image_indices (B,)`` (image index in the split), ``indices (B,)`` (caption line), all long but
+        images; ``skipped``: list of the bad image files dropped; ``truncated``: how many kept captions
+        were cut to ``max_words``.
         ``B`` may be 0 when all were skipped (images then ``(0,3,S,S)`` with ``S = image_size or 0``).
     """
     kept = [it for it in items if it["image"] is not None]
@@ -286,13 +300,9 @@ def collate_pairs(
     else:
         s = int(image_size or 0)
         images = torch.empty((0, 3, s, s))
-    input_ids, lengths = pad_input_ids([it["input_ids"] for it in kept], pad_id)
     return {
         "images": images,
-        "input_ids": input_ids,
-        "lengths": lengths,
-        "image_indices": torch.tensor([it["image_index"] for it in kept], dtype=torch.long),
-        "indices": torch.tensor([it["index"] for it in kept], dtype=torch.long),
+        **_caption_fields(kept, pad_id),
         "skipped": skipped,
         "truncated": sum(bool(it.get("truncated", False)) for it in kept),
     }
@@ -310,10 +320,4 @@ def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def collate_captions(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     """Evaluation captions: ``input_ids (B,L)``, ``lengths (B,)``, ``image_indices (B,)`` (image
     index of each caption), ``indices (B,)`` (caption line), all long."""
-    input_ids, lengths = pad_input_ids([it["input_ids"] for it in items], pad_id)
-    return {
-        "input_ids": input_ids,
-        "lengths": lengths,
-        "image_indices": torch.tensor([it["image_index"] for it in items], dtype=torch.long),
-        "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
-    }
+    return _caption_fields(items, pad_id)

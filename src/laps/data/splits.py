@@ -36,6 +36,7 @@ __all__ = [
     "load_id_mapping",
     "load_split",
     "load_split_from_config",
+    "read_json",
     "read_split",
     "resolve_id_mapping",
     "resolve_image_paths",
@@ -115,6 +116,14 @@ def read_split(root: str | Path, split: str) -> tuple[list[str], list[str]]:
     return captions, ids
 
 
+def read_json(path: Path) -> Any:
+    """The parsed UTF-8 JSON file ``path``; ``DataError`` naming the file when it does not parse."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a valid UTF-8 JSON file ({err}).") from err
+
+
 def load_id_mapping(path: str | Path) -> dict[str, str]:
     """Read ``id_mapping.json``: image id (string) -> image path relative to the images folder."""
     path = Path(path)
@@ -124,10 +133,7 @@ def load_id_mapping(path: str | Path) -> dict[str, str]:
             f"`laps-prepare-data coco-mapping --root DIR`; a Karpathy split file gives it with "
             f"`laps-prepare-data karpathy`; or point dataset.id_mapping to it."
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not a valid UTF-8 JSON file ({err}).") from err
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object {{image id: file}}, got {type(data).__name__}.")
     bad = next((k for k, v in data.items() if not isinstance(v, str) or not v), None)
