@@ -94,7 +94,7 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 class _ImageLoading:
-    """Bad-image policy shared by the image datasets."""
+    """Set-up and bad-image policy shared by the image datasets."""
 
     data: SplitData
 
