@@ -12,18 +12,21 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from laps.data.datamodule import LAPSDataModule
 from laps.data.datasets import (
     CaptionDataset,
-    DataError,
     ImageDataset,
     PairDataset,
-    SplitIndex,
     collate_pairs,
+    open_image,
+    pad_input_ids,
+)
+from laps.data.splits import (
+    DataError,
+    SplitIndex,
     load_id_mapping,
     load_split,
     load_split_from_config,
-    open_image,
-    pad_input_ids,
     read_split,
 )
 from laps.data.tokenization import CaptionTokenizer
@@ -193,14 +196,14 @@ def test_pair_dataset_and_collate(tmp_path: Path, tokenizer: CaptionTokenizer) -
     ds = PairDataset(data, tokenizer, image_size=32, augment=False)
     assert len(ds) == 7
     item = ds[3]
-    assert item["image"].shape == (3, 32, 32) and item["img_id"] == 1 and item["index"] == 3
+    assert item["image"].shape == (3, 32, 32) and item["image_index"] == 1 and item["index"] == 3
     assert tokenizer.convert_ids_to_tokens(item["input_ids"]) == ["[CLS]", "blue", "square", ".", "[SEP]"]
     batch = ds.collate([ds[i] for i in range(7)])
     assert batch["images"].shape == (7, 3, 32, 32) and batch["images"].dtype == torch.float32
     assert batch["input_ids"].shape == (7, 8) and batch["input_ids"].dtype == torch.long
     assert batch["lengths"].tolist() == [6, 8, 5, 5, 5, 8, 4]
     assert batch["input_ids"][6, 4:].tolist() == [tokenizer.pad_id] * 4
-    assert batch["img_ids"].tolist() == [0, 0, 1, 1, 1, 2, 0]
+    assert batch["image_indices"].tolist() == [0, 0, 1, 1, 1, 2, 0]
     assert batch["indices"].tolist() == list(range(7)) and batch["skipped"] == []
 
 
@@ -221,7 +224,7 @@ def test_eval_datasets(tmp_path: Path, tokenizer: CaptionTokenizer) -> None:
     caps = CaptionDataset(data, tokenizer)
     assert len(caps) == 7 and caps[6]["image_index"] == 0 and caps[6]["index"] == 6
     cb = caps.collate([caps[i] for i in range(7)])
-    assert cb["img_ids"].tolist() == [0, 0, 1, 1, 1, 2, 0] and cb["input_ids"].shape == (7, 8)
+    assert cb["image_indices"].tolist() == [0, 0, 1, 1, 1, 2, 0] and cb["input_ids"].shape == (7, 8)
     assert cb["lengths"].dtype == torch.long
 
 
@@ -285,7 +288,7 @@ def test_bad_image_skip(
     assert caplog.text.count("img1.jpg") == 1 and caplog.text.count("img2.jpg") == 1  # once per file
     assert ds.bad_files == {str(tmp_path / "images" / "img1.jpg"), str(tmp_path / "images" / "img2.jpg")}
     batch = ds.collate(items[:7])
-    assert batch["indices"].tolist() == [0, 1, 6] and batch["img_ids"].tolist() == [0, 0, 0]
+    assert batch["indices"].tolist() == [0, 1, 6] and batch["image_indices"].tolist() == [0, 0, 0]
     assert batch["images"].shape == (3, 3, 16, 16) and batch["input_ids"].shape[0] == 3
     assert len(batch["skipped"]) == 4
     empty = ds.collate(items[2:6])
@@ -296,12 +299,19 @@ def test_bad_image_skip(
     black = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
     assert torch.allclose(b["images"][1].mean(dim=(1, 2)), black, atol=1e-4)
     assert images.bad_files == ds.bad_files
-    with pytest.raises(ValueError, match="on_bad_image"):
-        ImageDataset(data, on_bad_image="ignore")
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: ImageDataset(load_split(make_dataset(tmp), "test", "images"), on_bad_image="ignore"),
+    lambda tmp: LAPSDataModule(name="f30k", root=str(tmp), on_bad_image="ignore"),
+], ids=["dataset", "datamodule"])
+def test_on_bad_image_is_checked_against_the_one_list(tmp_path: Path, make) -> None:
+    with pytest.raises(ValueError, match=r"dataset\.on_bad_image must be 'error' or 'skip', got 'ignore'"):
+        make(tmp_path)
 
 
 def test_collate_pairs_module_function() -> None:
-    items = [{"image": torch.zeros(3, 4, 4), "input_ids": [2, 3], "img_id": 1, "index": 0}]
+    items = [{"image": torch.zeros(3, 4, 4), "input_ids": [2, 3], "image_index": 1, "index": 0}]
     batch = collate_pairs(items, pad_id=0)
     assert batch["images"].shape == (1, 3, 4, 4) and batch["lengths"].tolist() == [2]
 

@@ -63,7 +63,7 @@ class FixedPairs(Dataset):
         return 8
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        return {"image": self.images[i], "ids": self.tokens[i], "img_id": self.IMG_IDS[i]}
+        return {"image": self.images[i], "ids": self.tokens[i], "image_index": self.IMG_IDS[i]}
 
     @staticmethod
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
@@ -75,7 +75,7 @@ class FixedPairs(Dataset):
             "images": torch.stack([it["image"] for it in items]),
             "input_ids": input_ids,
             "lengths": lengths,
-            "img_ids": torch.tensor([it["img_id"] for it in items]),
+            "image_indices": torch.tensor([it["image_index"] for it in items]),
         }
 
 

@@ -13,8 +13,8 @@ from rich.console import Console
 
 from laps.cli import prepare_data
 from laps.cli.check_data import check_dataset, render_report
-from laps.data.datasets import DataError, SplitIndex, load_id_mapping, load_split, read_split
 from laps.data.prepare import build_coco_mapping, convert_karpathy, karpathy_to_splits
+from laps.data.splits import DataError, SplitIndex, load_id_mapping, load_split, read_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +98,17 @@ def test_karpathy_without_any_caption_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no image has a caption"):
         convert_karpathy(tmp_path / "dataset_flickr30k.json", tmp_path / "f30k")
     assert not (tmp_path / "f30k").exists() or not any((tmp_path / "f30k").iterdir())
+
+
+@pytest.mark.parametrize("content", [b'{"images": [', b'{"images": "\xe9"}'], ids=["truncated", "latin1"])
+def test_unreadable_json_is_a_data_error_naming_the_file(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "dataset_flickr30k.json").write_bytes(content)
+    (tmp_path / "id_mapping.json").write_bytes(content)
+    for read in (lambda: convert_karpathy(tmp_path / "dataset_flickr30k.json", tmp_path / "f30k"),
+                 lambda: load_id_mapping(tmp_path / "id_mapping.json")):
+        with pytest.raises(DataError, match="not a valid UTF-8 JSON file") as info:
+            read()
+        assert str(info.value).startswith(str(tmp_path))
 
 
 def test_karpathy_coco() -> None:

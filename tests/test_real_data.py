@@ -37,7 +37,8 @@ from helpers.standins import (
     write_tiny_checkpoint,
 )
 from laps.cli.check_data import check_dataset
-from laps.data.datasets import DataError, load_split, pad_input_ids
+from laps.data.datasets import pad_input_ids
+from laps.data.splits import DataError, load_split
 from laps.data.tokenization import CaptionTokenizer
 from laps.data.transforms import build_transform
 from laps.metrics import coco_1k_metrics, retrieval_metrics

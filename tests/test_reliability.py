@@ -25,8 +25,10 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY_SYNTHETIC
 from laps.compat.serialization import UnsafeCheckpointError, safe_load
-from laps.data.datasets import DataError, load_split, open_image
-from laps.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, SeededShuffleSampler
+from laps.data.datasets import open_image
+from laps.data.sampler import SeededShuffleSampler
+from laps.data.splits import DataError, load_split
+from laps.training.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from laps.training.module import LAPSLitModule, NonFiniteLossError
 from laps.training.tasks import build_datamodule, build_module, evaluate, train
 
@@ -132,14 +134,14 @@ def test_bad_image_skip_logs_each_once_counts_and_keeps_pairs(make_cfg, copy_set
     transform = _eval_transform(dm.image_size)
     seen: list[int] = []
     for batch in steps.batches:
-        for row, (line, img) in enumerate(zip(batch["indices"].tolist(), batch["img_ids"].tolist())):
+        for row, (line, img) in enumerate(zip(batch["indices"].tolist(), batch["image_indices"].tolist())):
             # the ids file pairs caption line `line` with image `img`, and the pixels are that image's file
             assert data.ids[line] == data.index.image_ids[img]
             if row < 2:
                 expected = transform(open_image(data.image_paths[img]))
                 torch.testing.assert_close(batch["images"][row], expected)
             seen.append(line)
-        assert batch["images"].shape[0] == batch["input_ids"].shape[0] == batch["img_ids"].shape[0]
+        assert batch["images"].shape[0] == batch["input_ids"].shape[0] == batch["image_indices"].shape[0]
     expected = [n for n in order[: 4 * dm.batch_size] if data.ids[n] not in bad_ids]
     assert seen == expected  # the good pairs of those batches, in order, none shifted, no bad one
     assert len(seen) < 4 * dm.batch_size and len(steps.batches) == 4

@@ -32,7 +32,7 @@ def tiny_ckpt(make_cfg, tmp_path: Path):
 
 def _image_folder(cfg, dest: Path, n: int = 10) -> Path:
     """``n`` synthetic images in nested folders with mixed suffixes, plus a corrupt file and a text file."""
-    from laps.data.datasets import load_split
+    from laps.data.splits import load_split
 
     paths = load_split(cfg.dataset.root, "train", cfg.dataset.images_dir).image_paths[:n]
     for i, p in enumerate(paths):
@@ -185,7 +185,7 @@ def _stage1_hits(engine, index, queries: list[str], truth: list[str], prerank: s
 def _trained_search_set(work: Path, overrides: list[str]) -> tuple[Any, dict, list[str], list[str], dict, float]:
     """Train the small model, index its 100 test images: engine, index, the 500 test captions, each
     caption's image file name, laps-train's metrics and the training time."""
-    from laps.data.datasets import load_split
+    from laps.data.splits import load_split
     from laps.training.tasks import train
 
     torch.manual_seed(0)

@@ -129,7 +129,7 @@ def tiny_ckpt(make_cfg, tmp_path: Path):
 
 
 def _test_image(cfg) -> tuple[Path, list[str]]:
-    from laps.data.datasets import load_split
+    from laps.data.splits import load_split
 
     split = load_split(cfg.dataset.root, "test", cfg.dataset.images_dir)
     return split.image_paths[0], split.captions[:2]

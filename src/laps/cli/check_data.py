@@ -24,13 +24,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from laps.data.datasets import (
-    IMAGE_ERRORS,
-    BadImageError,
+from laps.data.datasets import IMAGE_ERRORS, BadImageError, open_image
+from laps.data.splits import (
     DataError,
     SplitIndex,
     image_path,
-    open_image,
     read_split,
     resolve_id_mapping,
     resolve_images_root,

@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from laps.data.datasets import DataError
 from laps.data.prepare import build_coco_mapping, convert_karpathy
+from laps.data.splits import DataError
 
 
 def _parser() -> argparse.ArgumentParser:

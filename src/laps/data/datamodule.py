@@ -11,6 +11,10 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from laps.data.datasets import CaptionDataset, ImageDataset, PairDataset, check_on_bad_image
+from laps.data.sampler import SeededShuffleSampler
+from laps.data.splits import load_split
+from laps.data.tokenization import CaptionTokenizer
 from laps.data.transforms import build_transform
 from laps.models.backbones import TEXT_ENCODER
 
@@ -39,7 +43,7 @@ class LAPSDataModule(LightningDataModule):
 
     The training loader is a :class:`torchdata.stateful_dataloader.StatefulDataLoader`: Lightning stores
     its position in every checkpoint and a resumed run continues the interrupted epoch with the same
-    batches. Its order is :class:`laps.training.checkpointing.SeededShuffleSampler` (a function of
+    batches. Its order is :class:`laps.data.sampler.SeededShuffleSampler` (a function of
     ``seed`` and the epoch only, this rank's share of it on several processes).
     """
 
@@ -68,8 +72,7 @@ class LAPSDataModule(LightningDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"dataset.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        check_on_bad_image(on_bad_image)
         if batch_size < 2:
             raise ValueError(f"dataset.batch_size must be at least 2 (the contrastive loss needs negatives), got {batch_size}")
         self.name = name
@@ -109,8 +112,6 @@ class LAPSDataModule(LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from laps.data.tokenization import CaptionTokenizer
-
             self._tokenizer = CaptionTokenizer(self.tokenizer_name, max_words=self.max_words)
         return self._tokenizer
 
@@ -119,8 +120,6 @@ class LAPSDataModule(LightningDataModule):
         return self.tokenizer.vocab_size
 
     def _split(self, stage: str):
-        from laps.data.datasets import load_split
-
         if stage not in self._sets:
             self._sets[stage] = load_split(self.root, self.splits[stage], self.images_dir, self.id_mapping)
         return self._sets[stage]
@@ -131,21 +130,16 @@ class LAPSDataModule(LightningDataModule):
             self._split(s)
 
     # ------------------------------------------------------------------ loaders
+    def _worker_options(self) -> dict[str, Any]:
+        """The DataLoader options every loader shares: workers and pinned memory."""
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                "persistent_workers": self.num_workers > 0}
+
     def _loader(self, dataset, batch_size: int, collate) -> DataLoader:
         """An evaluation loader: in order, nothing dropped."""
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate,
-        )
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, **self._worker_options())
 
     def train_dataloader(self) -> DataLoader:
-        from laps.data.datasets import PairDataset
-
         ds = PairDataset(
             self._split("train"), self.tokenizer, image_size=self.image_size,
             transform=build_transform(self.image_size, True, self.image_mean, self.image_std),
@@ -161,8 +155,6 @@ class LAPSDataModule(LightningDataModule):
 
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch 2.9+
 
-        from laps.training.checkpointing import SeededShuffleSampler
-
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
@@ -176,16 +168,12 @@ class LAPSDataModule(LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
             collate_fn=ds.collate,
+            **self._worker_options(),
             generator=torch.Generator().manual_seed(seed),  # worker seeds, not the global generator
         )
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
-        from laps.data.datasets import CaptionDataset, ImageDataset
-
         split = self._split(stage)
         transform = build_transform(self.image_size, False, self.image_mean, self.image_std)
         images = ImageDataset(split, transform=transform, image_size=self.image_size, on_bad_image=self.on_bad_image)

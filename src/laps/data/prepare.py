@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from laps.data.datasets import DataError
+from laps.data.splits import DataError, read_json
 from laps.paths import new_file_mode
 
 __all__ = [
@@ -201,10 +201,7 @@ def convert_karpathy(
         raise DataError(
             f"Karpathy split file {json_path} not found (dataset_flickr30k.json / dataset_coco.json)."
         )
-    try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{json_path}: not a valid JSON file ({err}).") from err
+    data = read_json(json_path)
     splits, mapping, stats = karpathy_to_splits(data, dataset, text, captions_per_image, dev_images)
     targets = [out_dir / "id_mapping.json"] + [
         out_dir / f"{s}_{kind}.txt" for s in splits for kind in ("caps", "ids")

@@ -112,7 +112,7 @@ class LAPSLitModule(LightningModule):
         return batch_idx / n_batches
 
     def gather_batch(self, img: Tensor, cap: Tensor, lens: Tensor, ids: Tensor) -> tuple[Tensor, ...]:
-        """Every rank's embeddings (with gradients), lengths and image ids: the global batch."""
+        """Every rank's embeddings (with gradients), lengths and image indices: the global batch."""
         return gather_pairs(img, cap, lens, ids)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
@@ -121,7 +121,7 @@ class LAPSLitModule(LightningModule):
         self.truncated_captions += int(batch.get("truncated", 0))
         img = self.net.encode_image(batch["images"])
         cap = self.net.encode_text(batch["input_ids"], batch["lengths"])
-        img, cap, lens, ids = self.gather_batch(img, cap, batch["lengths"], batch["img_ids"])
+        img, cap, lens, ids = self.gather_batch(img, cap, batch["lengths"], batch["image_indices"])
         if img.shape[0] < 2:  # every image of the (global) batch was skipped: nothing to contrast
             return None
         sims, mask = self.net.head.similarity(img, cap, lens, return_mask=True)
@@ -224,7 +224,7 @@ class LAPSLitModule(LightningModule):
             self._eval["cap"].append(cap)
             self._eval["cap_len"].append(batch["lengths"])
             self._eval["cap_idx"].append(batch["indices"])
-            self._eval["cap_img"].append(batch["img_ids"])
+            self._eval["cap_img"].append(batch["image_indices"])
 
     def _gathered(self) -> tuple[Tensor, ...]:
         """All ranks' embeddings in dataset order, duplicates from sampler padding dropped."""
