@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -37,10 +38,12 @@ from helpers.standins import (
     write_tiny_checkpoint,
 )
 from laps.cli.check_data import check_dataset
+from laps.compat.official_results import load_official_results
 from laps.data.datasets import pad_input_ids
 from laps.data.splits import DataError, load_split
 from laps.data.tokenization import CaptionTokenizer
 from laps.data.transforms import build_transform
+from laps.eccv import EccvSplitMismatch, caption_ids_of, eccv_cxc_metrics
 from laps.metrics import coco_1k_metrics, retrieval_metrics
 from laps.training.tasks import evaluate, train
 
@@ -182,6 +185,10 @@ def test_coco_protocol_on_dev_split(real: SimpleNamespace, tmp_path: Path) -> No
     assert_metrics_equal(metrics, "test_1k", coco_1k_metrics(sims, cap_to_img))
     assert_metrics_equal(metrics, "test_1k", coco_fold_means(sims, cap_to_img))
     assert metrics["test_1k/rsum"] != pytest.approx(metrics["test/rsum"])  # folds are really smaller
+    # not ECCV Caption's test set: skipped (dataset.eccv=null), refused when asked for before scoring
+    with pytest.raises(EccvSplitMismatch, match="5000 caption lines"):
+        run_eval(real, "coco", real.coco_dev, tmp_path / "eval_eccv", "dataset.test_split=dev", "dataset.eccv=true")
+    assert not (tmp_path / "eval_eccv" / "sims_test.pt").exists()
 
     ids = read_lines(shared_data("coco") / "dev_ids.txt")
     caps = read_lines(shared_data("coco") / "dev_caps.txt")
@@ -210,12 +217,20 @@ def test_coco_testall_5k_and_5fold_1k(real: SimpleNamespace, tmp_path: Path) -> 
     sims, cap_to_img = saved["sims"], saved["cap_to_img"]
     assert sims.shape == (5000, 25000) and torch.isfinite(sims).all()
     assert torch.equal(cap_to_img, torch.arange(25000) // 5)
-    assert sorted(metrics) == sorted([f"test/{k}" for k in METRIC_NAMES] + [f"test_1k/{k}" for k in METRIC_NAMES])
+    eccv = sorted(k for k in metrics if k.startswith(("test_eccv/", "test_cxc/")))
+    assert len(eccv) == 12  # on by default for testall: ECCV Caption's test set, line for line
+    assert sorted(set(metrics) - set(eccv)) == sorted(
+        [f"test/{k}" for k in METRIC_NAMES] + [f"test_1k/{k}" for k in METRIC_NAMES])
     assert_metrics_equal(metrics, "test", retrieval_metrics(sims, cap_to_img))
     assert_metrics_equal(metrics, "test_1k", coco_1k_metrics(sims, cap_to_img))
     assert_metrics_equal(metrics, "test_1k", coco_fold_means(sims, cap_to_img))
 
     ids = read_lines(root / "testall_ids.txt")
+    images = list(dict.fromkeys(ids))
+    assert {k: metrics[k] for k in eccv} == pytest.approx(
+        eccv_cxc_metrics(sims, [int(i) for i in images], caption_ids_of(ids)))
+    assert (saved["dataset"], saved["split"], saved["image_ids"]) == ("coco", "testall", images)
+    assert np.array_equal(load_official_results(tmp_path / "eval" / "results_coco.npy")[1], sims.numpy())
     caps = read_lines(root / "testall_caps.txt")
     files = [root / coco_file(i) for i in dict.fromkeys(ids)]
     check_entries(real, sims, files, caps, rows=[0, 999, 1000, 4999], cols=[0, 4999, 5000, 24999])

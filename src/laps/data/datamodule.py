@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader
 
 from laps.data.datasets import CaptionDataset, ImageDataset, PairDataset, check_on_bad_image
 from laps.data.sampler import SeededShuffleSampler
-from laps.data.splits import load_split
+from laps.data.splits import SplitIndex, load_split
 from laps.data.tokenization import CaptionTokenizer
 from laps.data.transforms import build_transform
+from laps.eccv import caption_ids_of, line_image_ids
 from laps.models.backbones import TEXT_ENCODER
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ class LAPSDataModule(LightningDataModule):
         id_mapping: ``id_mapping.json`` relative to ``root``.
         train_split, val_split, test_split: split names (``{split}_caps.txt``/``{split}_ids.txt``).
         protocol: ``f30k`` (one matrix) or ``coco`` (5K plus the 5-fold 1K mean) for the test split.
+        eccv: ECCV Caption and CxC figures of the test split (``coco`` only, :mod:`laps.eccv`): ``None``
+            when the split is ECCV Caption's COCO 5K test set (else a warning, and they are skipped),
+            ``True`` required (another split is refused when the test split is set up), ``False`` off.
         image_size: side of the square input images.
         tokenizer: hub name or folder of a BERT WordPiece vocabulary.
         max_words: word pieces kept per caption ([CLS]/[SEP] excluded).
@@ -70,6 +74,7 @@ class LAPSDataModule(LightningDataModule):
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         seed: int | None = None,
+        eccv: bool | None = None,
     ) -> None:
         super().__init__()
         check_on_bad_image(on_bad_image)
@@ -94,6 +99,7 @@ class LAPSDataModule(LightningDataModule):
         self.image_mean = list(image_mean) if image_mean is not None else None
         self.image_std = list(image_std) if image_std is not None else None
         self.seed = seed
+        self.eccv = eccv
         self._tokenizer = None
         self._sets: dict[str, Any] = {}
 
@@ -124,10 +130,23 @@ class LAPSDataModule(LightningDataModule):
             self._sets[stage] = load_split(self.root, self.splits[stage], self.images_dir, self.id_mapping)
         return self._sets[stage]
 
+    def split_index(self, stage: str) -> SplitIndex:
+        """The image index of the ``stage`` split (``train``, ``val``, ``test``)."""
+        return self._split(stage).index
+
+    def eccv_mode(self) -> str:
+        """``off``, ``auto`` (computed when the test split is ECCV Caption's) or ``required``."""
+        if self.eccv is False or (self.eccv is None and self.protocol != "coco"):
+            return "off"
+        return "required" if self.eccv else "auto"
+
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: ("train", "val", "test")}
         for s in wanted.get(stage, ()):
             self._split(s)
+        if self.eccv_mode() == "required" and "test" in wanted.get(stage, ()):
+            index = self.split_index("test")  # another split: refused before anything is scored
+            caption_ids_of(line_image_ids(index.image_ids, index.caption_image))
 
     # ------------------------------------------------------------------ loaders
     def _worker_options(self) -> dict[str, Any]:

@@ -13,6 +13,9 @@ import torch
 from lightning import LightningModule
 from torch import Tensor
 
+from laps.compat.official_results import save_official_results
+from laps.data.splits import SplitIndex
+from laps.eccv import EccvSplitMismatch, split_eccv_metrics
 from laps.evaluation import protocol_metrics, score_matrix
 from laps.losses import (
     contrastive_loss,
@@ -55,6 +58,8 @@ class LAPSLitModule(LightningModule):
         max_nonfinite_steps: consecutive skipped steps (NaN/Inf loss or gradient) before stopping.
         eval_image_block: images per scoring step in validation and test.
         save_sims: write the test similarity matrix as ``sims_test.pt`` in the run directory.
+        gradient_checkpointing: recompute the encoders' activations in backward (less memory, a
+            second forward of their blocks; :meth:`LAPSModel.set_gradient_checkpointing`).
         selection, attention_weight, gumbel_tau: the head's patch selection (``model.selection``);
             the head is built with them (``net``), they are recorded here and checked to agree.
     """
@@ -73,6 +78,7 @@ class LAPSLitModule(LightningModule):
         max_nonfinite_steps: int = 10,
         eval_image_block: int = 128,
         save_sims: bool = False,
+        gradient_checkpointing: bool = False,
         selection: str = "topk",
         attention_weight: float = 0.8,
         gumbel_tau: float = 1.0,
@@ -88,6 +94,8 @@ class LAPSLitModule(LightningModule):
                 f"disagrees with the head's {head.selection!r}: set them through model.selection, not model.net"
             )
         self.net = net
+        if gradient_checkpointing:
+            net.set_gradient_checkpointing(True)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.nonfinite_steps = 0
@@ -252,11 +260,50 @@ class LAPSLitModule(LightningModule):
             progress=self.trainer.is_global_zero if self._trainer is not None else True,
         )
         metrics = protocol_metrics(sims, cap_img.cpu(), protocol, prefix)
+        if prefix == "test":
+            metrics.update(self._eccv_metrics(sims))
         if self.hparams.save_sims and prefix == "test" and self.output_dir is not None and self.global_rank == 0:
-            path = Path(self.output_dir) / "sims_test.pt"
-            torch.save({"sims": sims, "cap_to_img": cap_img.cpu()}, path)
-            log.info("similarity matrix saved to %s", path)
+            self._save_sims(sims, cap_img.cpu())
         return metrics
+
+    def _test_index(self) -> SplitIndex | None:
+        """The test split's image index, when the data module has one and every pair was scored."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return datamodule.split_index("test") if hasattr(datamodule, "split_index") else None
+
+    def _eccv_metrics(self, sims: Tensor) -> dict[str, float]:
+        """ECCV Caption and CxC figures (``dataset.eccv``); in ``auto`` mode a split that is not theirs
+        (or a partial evaluation) is skipped with a warning."""
+        datamodule = self.trainer.datamodule
+        mode = datamodule.eccv_mode() if hasattr(datamodule, "eccv_mode") else "off"
+        if mode == "off":
+            return {}
+        index = self._test_index()
+        try:
+            if tuple(sims.shape) != (index.num_images, index.num_captions):
+                raise EccvSplitMismatch(f"only {sims.shape[0]} x {sims.shape[1]} of the split's "
+                                        f"{index.num_images} x {index.num_captions} pairs were scored")
+            return split_eccv_metrics(sims, index.image_ids, index.caption_image)
+        except EccvSplitMismatch as err:
+            if mode == "required":
+                raise
+            log.warning("ECCV Caption and CxC skipped: %s", err)
+            return {}
+
+    def _save_sims(self, sims: Tensor, cap_to_img: Tensor) -> None:
+        """``sims_test.pt`` (the matrix with the dataset, split and image ids it belongs to) and the
+        official ``results_{dataset}.npy`` in the run folder (``laps-eval sims=`` reads both)."""
+        datamodule = self.trainer.datamodule
+        index = self._test_index()
+        complete = index is not None and tuple(sims.shape) == (index.num_images, index.num_captions)
+        name = getattr(datamodule, "name", "dataset")
+        folder = Path(self.output_dir)
+        torch.save({"sims": sims, "cap_to_img": cap_to_img, "dataset": name,
+                    "split": datamodule.splits["test"] if complete else None,
+                    "image_ids": list(index.image_ids) if complete else None}, folder / "sims_test.pt")
+        save_official_results(folder / f"results_{name}.npy", sims.float().numpy())
+        log.info("similarity matrix saved to %s (and results_%s.npy, the official format)",
+                 folder / "sims_test.pt", name)
 
     def on_validation_epoch_start(self) -> None:
         self._reset_eval()

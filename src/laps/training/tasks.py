@@ -341,9 +341,13 @@ def _seeded_datamodule(cfg: DictConfig, run_cfg: DictConfig) -> L.LightningDataM
 
 def evaluate(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
     """Rebuild the model of ``ckpt_path`` (a checkpoint, or a model folder written by ``laps-export``),
-    test it, return the ``test/...`` metrics."""
+    test it, return the ``test/...`` metrics; with ``sims`` evaluate saved matrices instead."""
     from laps.compat.serialization import check_state_shapes, safe_load
 
+    if cfg.get("sims"):
+        return evaluate_sims(cfg, report)
+    if OmegaConf.select(cfg, "ckpt_path") is None:
+        raise ValueError("laps-eval needs ckpt_path=... (a checkpoint or an exported folder) or sims=...")
     if Path(str(cfg.ckpt_path)).is_dir():
         folder = Path(str(cfg.ckpt_path))
         run_cfg = folder_config(cfg, folder)
@@ -365,4 +369,23 @@ def evaluate(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
         if report is not None:
             report(metrics, _test_title(datamodule))
         write_metrics(metrics, cfg.paths.output_dir)
+    return metrics
+
+
+def evaluate_sims(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
+    """``laps-eval sims=PATH`` (or ``sims=[A,B]``, their mean): the ``test/...`` metrics of saved
+    similarity matrices on the test split of ``dataset`` (its id file only: no model, no images)."""
+    from laps.training.saved_sims import evaluate_saved
+
+    data = cfg.get("dataset")
+    if not data or data.get("root") is None:
+        raise ValueError("sims=... is evaluated on a dataset's test split: give dataset=NAME dataset.root=DIR")
+    sims = cfg.sims
+    paths = [str(p) for p in sims] if OmegaConf.is_list(sims) else [str(sims)]
+    metrics = evaluate_saved(paths, data.root, data.test_split, data.get("protocol", "f30k"), data.name,
+                             data.get("eccv"))
+    if report is not None:
+        report(metrics, f"{data.name} {data.test_split} ({data.get('protocol', 'f30k')} protocol), "
+                        f"{len(paths)} saved matri{'ces' if len(paths) > 1 else 'x'}")
+    write_metrics(metrics, cfg.paths.output_dir)
     return metrics

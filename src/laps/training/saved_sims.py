@@ -1,7 +1,8 @@
 """Evaluating saved similarity matrices, alone or averaged (an ensemble), without a model.
 
-Two formats are read: ours, ``sims_test.pt`` (``save_sims=true``: the matrix with the dataset,
-split and image ids it was computed on), read with the allow-list of
+Two formats are read: ours, ``sims_test.pt`` (written with ``save_sims=true`` by
+:class:`laps.training.module.LAPSLitModule`: the matrix with the dataset, split and image ids it was
+computed on), read with the allow-list of
 :func:`laps.compat.serialization.safe_load`; and the official release's ``results_{dataset}.npy``
 (:mod:`laps.compat.official_results`), which records only ``npts``, so there only the shape is
 checked. The split needs only its id file (``{split}_ids.txt``): no images, no id mapping.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from laps.compat.official_results import load_official_results, save_official_results
+from laps.compat.official_results import load_official_results
 from laps.compat.serialization import safe_load
 from laps.data.splits import SplitIndex, read_split_ids
 from laps.eccv import EccvSplitMismatch, split_eccv_metrics
@@ -26,7 +27,7 @@ from laps.evaluation import protocol_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SavedSims", "ensemble", "evaluate_saved", "load_sims", "save_sims"]
+__all__ = ["SavedSims", "ensemble", "evaluate_saved", "load_sims"]
 
 
 @dataclass
@@ -38,18 +39,6 @@ class SavedSims:
     dataset: str | None = None
     split: str | None = None
     image_ids: list[str] | None = None
-
-
-def save_sims(folder: str | os.PathLike, sims: Tensor, cap_to_img: Tensor, dataset: str, split: str,
-              image_ids: Sequence[str]) -> list[Path]:
-    """Write ``sims_test.pt`` (ours, with the split it belongs to) and ``results_{dataset}.npy`` (the
-    official format, for ensembles with official outputs) into ``folder``."""
-    folder = Path(folder)
-    ours = folder / "sims_test.pt"
-    torch.save({"sims": sims, "cap_to_img": cap_to_img, "dataset": dataset, "split": split,
-                "image_ids": list(image_ids)}, ours)
-    official = save_official_results(folder / f"results_{dataset}.npy", sims.float().numpy())
-    return [ours, official]
 
 
 def load_sims(path: str | os.PathLike) -> SavedSims:
