@@ -9,26 +9,30 @@ import torch
 from torch import Tensor
 
 from laps.benchmarks.inputs import BenchSettings, build_head, make_embeddings, time_interleaved
+from laps.benchmarks.recipe import TrainRecipe, training_recipe
 
 LOSSES = ("hardest", "dense")
 
 
-def training_loss(sims: Tensor, mask: Tensor, sparse_ratio: float, loss: str) -> Tensor:
-    """``hardest``: the official loss from epoch 1 on; ``dense``: ``sims.sum()`` (every pair a gradient).
+def training_loss(
+    sims: Tensor, mask: Tensor, sparse_ratio: float, loss: str, recipe: TrainRecipe | None = None
+) -> Tensor:
+    """``hardest``: the recipe's loss of the head from epoch 1 on (:meth:`TrainRecipe.head_loss`, on
+    the square top-left block of pairs); ``dense``: ``sims.sum()`` (every pair a gradient).
 
     ``sims`` ``(B_v, B_t)``, ``mask`` the head's keep mask; a scalar.
     """
-    from laps.losses import contrastive_loss, ratio_loss
-
     if loss == "dense":
         return sims.sum()
+    if recipe is None:
+        raise ValueError("the hardest-negative loss needs the training recipe")
     n = min(sims.shape)
-    ids = torch.arange(n, device=sims.device)
-    return contrastive_loss(sims[:n, :n], ids, 0.2, max_violation=True) + 2.0 * ratio_loss(mask, sparse_ratio)
+    return recipe.head_loss(sims[:n, :n], mask, torch.arange(n, device=sims.device), sparse_ratio)
 
 
 def head_step(
-    impl: str, head: torch.nn.Module, img: Tensor, cap: Tensor, lens: Tensor, loss: str, amp: bool = False
+    impl: str, head: torch.nn.Module, img: Tensor, cap: Tensor, lens: Tensor, loss: str, amp: bool = False,
+    recipe: TrainRecipe | None = None,
 ) -> None:
     """One forward (train mode) + loss + backward of ``head`` (``impl="head"``) or of the reference loop.
 
@@ -45,7 +49,7 @@ def head_step(
             sims, mask = head(img, cap, lens)
         else:
             sims, mask = reference_similarity(head, img, cap, lens, return_mask=True)
-        value = training_loss(sims.float(), mask, head.sparse_ratio, loss)
+        value = training_loss(sims.float(), mask, head.sparse_ratio, loss, recipe)
     value.backward()
 
 
@@ -55,10 +59,11 @@ def bench_head_train(settings: BenchSettings, device: torch.device) -> dict[str,
     img, cap, lens = make_embeddings(settings.batch, settings.batch, settings, device, settings.seed)
     out: dict[str, Any] = {"batch": settings.batch, "pairs": settings.batch**2}
     amp = settings.autocast == "bf16"
+    recipe = training_recipe()
     for loss in LOSSES:
-        fns = {"head": lambda loss=loss: head_step("head", head, img, cap, lens, loss, amp)}
+        fns = {"head": lambda loss=loss: head_step("head", head, img, cap, lens, loss, amp, recipe)}
         if settings.reference:
-            fns["reference"] = lambda loss=loss: head_step("reference", head, img, cap, lens, loss, amp)
+            fns["reference"] = lambda loss=loss: head_step("reference", head, img, cap, lens, loss, amp, recipe)
         times = time_interleaved(fns, device, settings.repeats)
         entry = {"head_s": times["head"]}
         if settings.reference:
