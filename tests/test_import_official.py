@@ -83,6 +83,32 @@ def test_imported_checkpoint_reproduces_official(name: str, vocab1000: Path, f30
 
 
 @needs_fixtures
+@pytest.mark.parametrize("name", CASES)
+def test_import_as_a_hugging_face_folder(name: str, vocab1000: Path, tmp_path: Path) -> None:
+    """``--format hf``: the folder loads with from_pretrained and scores as the official model does;
+    nothing in it is a pickle."""
+    from laps.models import LAPSModel
+
+    case = FIXTURES / name
+    out = tmp_path / "folder"
+    import_official.main([str(case / "model_best.pth"), "--out", str(out), "--format", "hf",
+                          "--vision-config", str(case / "vision"), "--text-config", str(case / "text"),
+                          "--tokenizer", str(vocab1000)])
+    assert {"model.safetensors", "config.json", "README.md", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert "the official checkpoint model_best.pth" in (out / "README.md").read_text()
+    for file in out.rglob("*"):
+        assert not file.is_file() or file.read_bytes()[:1] != b"\x80", f"{file} is a pickle"
+    net = LAPSModel.from_pretrained(out).eval()
+    exp = torch.load(case / "expected.pt", weights_only=True)
+    with torch.no_grad():
+        assert rel_err(net(exp["images"], exp["captions"], exp["lengths"]), exp["sims_eval"]) < TOL
+    with pytest.raises(SystemExit) as refused:  # an existing folder is not replaced without --overwrite
+        import_official.main([str(case / "model_best.pth"), "--out", str(out), "--format", "hf",
+                              "--vision-config", str(case / "vision"), "--text-config", str(case / "text")])
+    assert refused.value.code == 2
+
+
+@needs_fixtures
 def test_projection_between_equal_widths_is_kept(vocab1000: Path, tmp_path: Path) -> None:
     """An official file whose vision projection is a Linear although the backbone's width equals
     embed_size (where the official code has the identity): laps-import-official records

@@ -24,15 +24,16 @@ def _run_dir(checkpoint: Path) -> Path:
     return checkpoint.resolve().parent.parent
 
 
-def model_card(checkpoint: Path, config: Any, metrics: dict[str, float] | None,
+def model_card(source: str, config: Any, metrics: dict[str, float] | None,
                overrides: list[str] | None) -> str:
-    """The model card: what the model is, its recipe, its test figures and how to load it."""
+    """The model card: what the model is (exported from ``source``), its recipe, its test figures and
+    how to load it."""
     backbone = config.backbone.get("name", "?")
     lines = [
         "---", "library_name: laps", "tags: [image-text-retrieval, laps]", "---", "",
         f"# LAPS {backbone} ({config.dataset.get('name', '?')})", "",
         ("A LAPS (Linguistic-Aware Patch Slimming, CVPR 2024) image-text retrieval model, exported by "
-        f"`laps-export` from `{checkpoint.name}`."), "",
+        f"`laps-export` from {source}."), "",
         "## Recipe", "", "Training overrides (`laps-train ...`):", "", "```",
         " ".join(overrides) if overrides else "(none recorded)", "```", "",
     ]
@@ -49,8 +50,10 @@ def model_card(checkpoint: Path, config: Any, metrics: dict[str, float] | None,
     return "\n".join(lines)
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the Hugging Face folder of a laps checkpoint to ``out``; returns ``out``.
+def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
+                      source: str | None = None) -> Path:
+    """Write the Hugging Face folder of a laps checkpoint to ``out``; returns ``out``. ``source`` names
+    where the model came from in the model card (default: the checkpoint's file name).
 
     Raises:
         FileExistsError: ``out`` exists and is not empty (without ``overwrite``).
@@ -68,7 +71,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
     over = run / ".hydra" / "overrides.yaml"
     overrides = list(OmegaConf.load(over)) if over.is_file() else None
     model = loaded.model
-    model.model_card = model_card(checkpoint, loaded.config, metrics, overrides)
+    model.model_card = model_card(source or f"`{checkpoint.name}`", loaded.config, metrics, overrides)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -1,10 +1,12 @@
-"""``laps-import-official PATH --out CKPT``: an official LAPS checkpoint as a laps checkpoint for ``laps-eval``."""
+"""``laps-import-official PATH --out CKPT``: an official LAPS checkpoint as a laps checkpoint for ``laps-eval``;
+``--format hf`` writes a Hugging Face model folder instead (as ``laps-export`` does for our checkpoints)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +90,41 @@ def import_official(path: str | Path, out: str | Path, vision_config: str | None
     return out
 
 
+def import_official_folder(path: str | Path, out: str | Path, vision_config: str | None = None,
+                           text_config: str | None = None, tokenizer: str | None = None,
+                           overwrite: bool = False) -> Path:
+    """Convert ``path`` into the Hugging Face folder ``out`` (through a laps checkpoint in a
+    temporary folder, then :func:`laps.export.export_checkpoint`); returns ``out``."""
+    from laps.export import export_checkpoint
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    with tempfile.TemporaryDirectory(prefix="laps-import-") as tmp:
+        ckpt = import_official(path, Path(tmp) / "checkpoints" / f"{Path(path).stem}.ckpt", vision_config,
+                               text_config, tokenizer)
+        return export_checkpoint(ckpt, out, overwrite=overwrite, source=f"the official checkpoint {Path(path).name}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="laps-import-official", description=__doc__)
     parser.add_argument("path", help="official model_best.pth / checkpoint.pth")
-    parser.add_argument("--out", required=True, help="laps checkpoint to write")
+    parser.add_argument("--out", required=True, help="laps checkpoint (or, with --format hf, folder) to write")
+    parser.add_argument("--format", choices=["ckpt", "hf"], default="ckpt",
+                        help="ckpt: a laps checkpoint; hf: a Hugging Face model folder (model.safetensors, "
+                             "config.json, tokenizer, model card)")
+    parser.add_argument("--overwrite", action="store_true", help="with --format hf: replace a non-empty folder")
     parser.add_argument("--vision-config", help="config.json (or its folder) replacing the official vision backbone's")
     parser.add_argument("--text-config", help=f"config.json (or its folder) replacing {TEXT_ENCODER}'s")
     parser.add_argument("--tokenizer", help=f"tokenizer hub name or folder (default {TEXT_ENCODER})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        import_official(args.path, args.out, args.vision_config, args.text_config, args.tokenizer)
+        if args.format == "hf":
+            import_official_folder(args.path, args.out, args.vision_config, args.text_config, args.tokenizer,
+                                   overwrite=args.overwrite)
+        else:
+            import_official(args.path, args.out, args.vision_config, args.text_config, args.tokenizer)
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
