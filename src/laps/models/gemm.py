@@ -1,10 +1,10 @@
 """Matrix products of the head: oneDNN for float32 on AVX-512 CPUs, ``torch.mm``/``torch.bmm`` elsewhere.
 
-PyTorch's float32 ``torch.mm`` on CPU calls MKL, which on AMD processors runs its AVX2 kernels (on
-the 2-core AMD EPYC of ``docs/benchmarks.md`` about 100 GMAC/s); oneDNN, which ships inside
-PyTorch and serves its compiler's linear layers, runs AVX-512 there (about 220 GMAC/s). Both are
-exact float32 arithmetic (no reduced-precision math mode); only the order of the sums differs.
-oneDNN is the default where PyTorch reports AVX-512 (the only kind of CPU it was measured on)
+PyTorch's float32 ``torch.mm`` on CPU calls MKL, which on AMD processors runs its AVX2 kernels;
+oneDNN, which ships inside PyTorch and serves its compiler's linear layers, runs AVX-512 there, about
+twice as fast (``docs/benchmarks.md`` has the figures). Both are exact float32 arithmetic (no
+reduced-precision math mode); only the order of the sums differs. oneDNN is the default where
+PyTorch reports AVX-512 (the only kind of CPU it was timed on)
 and ``torch.backends.mkldnn`` is enabled; other dtypes (bf16 under autocast, float64), small
 products, inputs that record a graph and other devices go to torch, which picks its own kernels.
 
