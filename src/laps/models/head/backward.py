@@ -41,7 +41,7 @@ def norms_backward(
         n = v1 - v0
         part = products(images, keep, fuse, total, v0, v1, mm_dtype, ws) if proj is None else proj[chunk]
         rows_t = norm_rows_t(images.weights[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
-                         new_scratch(ws, "rows_t", (n, n_patch, n_aggr + 1, n_cap), precise, device))
+                             new_scratch(ws, "rows_t", (n, n_patch, n_aggr + 1, n_cap), precise, device))
         scaled = torch.mul(rows_t, d_sq_t[v0:v1].unsqueeze(1),
                            out=new_scratch(ws, "scaled", rows_t.shape, precise, device))
         # d sq / d w = 2 G w^T; through w = E keep / Z: d E = 2 d_sq (G w^T) keep / Z = 2 (G w^T) scaled / E.

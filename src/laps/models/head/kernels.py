@@ -291,7 +291,7 @@ def token_norms(
             proj.append(part)
         # w G w^T = sum_n (G w^T) w^T, with w^T built patch-major (cheaper than reading G w^T transposed)
         rows_t = norm_rows_t(images.weights[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
-                         new_scratch(ws, "rows_t", (v1 - v0, n_patch, n_aggr + 1, n_cap), precise, device))
+                             new_scratch(ws, "rows_t", (v1 - v0, n_patch, n_aggr + 1, n_cap), precise, device))
         prod = torch.mul(part, rows_t.view(part.shape), out=new_scratch(ws, "proj_rows", part.shape, precise, device))
         sq[v0:v1] = prod.sum(1).view(v1 - v0, n_aggr + 1, n_cap).transpose(1, 2)
     return sq
@@ -306,7 +306,7 @@ def products(
     n_cap, n_patch = keep.shape[1], keep.shape[2]
     precise = images.gram.dtype
     rows = _norm_rows(images.weights_t[v0:v1], keep[v0:v1], fuse[v0:v1], total[v0:v1],
-                 new_scratch(ws, "rows", (v1 - v0, total.shape[2] + 1, n_cap, n_patch), precise, keep.device))
+                      new_scratch(ws, "rows", (v1 - v0, total.shape[2] + 1, n_cap, n_patch), precise, keep.device))
     return bmm_nt(images.gram[v0:v1].to(mm_dtype), rows.flatten(1, 2).to(mm_dtype)).to(precise)
 
 
