@@ -60,6 +60,8 @@ class LAPSLitModule(LightningModule):
         save_sims: write the test similarity matrix as ``sims_test.pt`` in the run directory.
         gradient_checkpointing: recompute the encoders' activations in backward (less memory, a
             second forward of their blocks; :meth:`LAPSModel.set_gradient_checkpointing`).
+        init_from: an exported model folder (or hub id) whose weights start the fit; recorded with the
+            hyper-parameters here, loaded by :func:`laps.training.tasks.train` before fitting.
         selection, attention_weight, gumbel_tau: the head's patch selection (``model.selection``);
             the head is built with them (``net``), they are recorded here and checked to agree.
     """
@@ -79,6 +81,7 @@ class LAPSLitModule(LightningModule):
         eval_image_block: int = 128,
         save_sims: bool = False,
         gradient_checkpointing: bool = False,
+        init_from: str | None = None,
         selection: str = "topk",
         attention_weight: float = 0.8,
         gumbel_tau: float = 1.0,

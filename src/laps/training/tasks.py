@@ -5,7 +5,6 @@ writes ``metrics.json`` in the run directory (rank zero); the command prints the
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
@@ -16,7 +15,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from laps.models.head import check_ratio
 from laps.models.hub import check_pretrained_available, disable_pretrained
@@ -84,15 +83,9 @@ def _check_vocab(tokenizer: Any, vocab_size: int, net: Any) -> None:
 
 def build_module(cfg: DictConfig, vocab_size: int) -> L.LightningModule:
     """The LightningModule; a random text model without a set vocabulary gets the tokenizer's size.
-    ``model.init_from`` is not the module's: :func:`train` applies it."""
+    ``model.init_from`` is recorded by the module; :func:`train` loads it."""
     extra = {} if cfg.backbone.text.get("vocab_size") else {"net": {"text": {"vocab_size": vocab_size}}}
-    model_cfg = cfg.model
-    if "init_from" in model_cfg:  # in a copy: the run's configuration keeps it
-        run = copy.deepcopy(cfg)
-        with open_dict(run):
-            del run.model["init_from"]
-        model_cfg = run.model
-    module = hydra.utils.instantiate(model_cfg, **extra)
+    module = hydra.utils.instantiate(cfg.model, **extra)
     _check_vocab(cfg.dataset.tokenizer, vocab_size, module.net)
     module.config_snapshot = OmegaConf.to_container(cfg, resolve=True)
     module.output_dir = Path(cfg.paths.output_dir)
