@@ -181,7 +181,7 @@ def test_training_step_loss_is_the_lightning_modules() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log outside a trainer
         expected = module.training_step(
-            {"images": images, "input_ids": input_ids, "lengths": lengths, "img_ids": img_ids}, 0)
+            {"images": images, "input_ids": input_ids, "lengths": lengths, "image_indices": img_ids}, 0)
     assert batch_loss(model, recipe, *batch).item() == pytest.approx(expected.item(), rel=1e-5)
     assert make_train_step(model, recipe, batch, amp=False)().item() == pytest.approx(expected.item(), rel=1e-5)
     default = training_recipe("vit", ["model.pooled_weight=0.5"])
