@@ -522,3 +522,17 @@ def test_gpu_plan_gives_the_cpu_plans_numbers(case: str, kind: str) -> None:
     for name, ref in p_cpu.items():
         # an absolute floor where a gradient vanishes analytically (rounding on both sides)
         assert float((p_gpu[name] - ref).abs().max()) <= 1e-5 * float(ref.abs().max()) + 1e-6, name
+
+
+@pytest.mark.parametrize("grad_mode", ["dense", "sparse"])
+def test_one_aggregated_token_trains(grad_mode: str) -> None:
+    """``M = 1`` (small ratios of few patches): the transposed weights are a view of the weights, and
+    must still carry no graph; forward and backward match the loop."""
+    torch.manual_seed(0)
+    head = LAPSHead(16, 16, 0.4, 0.3, True).double()  # int(16 * 0.3 * 0.4) = 1
+    assert head.num_aggregated == 1
+    gen = torch.Generator().manual_seed(1)
+    img = torch.randn(3, 17, 16, generator=gen, dtype=torch.float64)
+    cap = torch.randn(4, 6, 16, generator=gen, dtype=torch.float64)
+    lens = torch.tensor([6, 3, 4, 5])
+    compare_to_reference(head, img, cap, lens, upstream_grad((3, 4), grad_mode), 1e-9, {})

@@ -277,8 +277,8 @@ class LAPSHead(nn.Module):
             logits = logits.to(precise)
             shifted = logits - logits.detach().amax(dim=1, keepdim=True)
             weights = torch.exp(shifted.clamp_min(-LOGIT_FLOOR))
-            with torch.no_grad():
-                weights_t = weights.transpose(1, 2).contiguous()
+            # detached: a view (one aggregated token makes the transpose contiguous) would keep the graph
+            weights_t = weights.detach().transpose(1, 2).contiguous()
         return PreparedImages(img_embs, patch_norm, salience, gram, weights, weights_t, cls_norm)
 
     @staticmethod
