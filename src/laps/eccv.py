@@ -24,7 +24,7 @@ from torch import Tensor
 __all__ = ["TOP", "EccvSplitMismatch", "caption_ids_of", "eccv_cxc_metrics", "line_image_ids", "split_eccv_metrics"]
 
 TOP = 50
-# metrics.json key suffix -> (the package's metric name, K)
+# metrics.json key suffix -> the package's metric name, per group
 _KEYS = {
     "eccv": {"mAP@R": "eccv_map_at_r", "R-P": "eccv_rprecision", "R@1": "eccv_r1"},
     "cxc": {"R@1": "cxc_r1", "R@5": "cxc_r5", "R@10": "cxc_r10"},

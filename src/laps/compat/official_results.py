@@ -61,6 +61,8 @@ def load_official_results(path: str | os.PathLike) -> tuple[int, np.ndarray]:
     with path.open("rb") as f:
         try:
             version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"format version {version}, not 1.0 or 2.0 as np.save writes an object")
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read_header(f)
         except ValueError as err:

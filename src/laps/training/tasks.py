@@ -373,12 +373,11 @@ def evaluate_sims(cfg: DictConfig, report: Report | None = None) -> dict[str, fl
     data = cfg.get("dataset")
     if not data or data.get("root") is None:
         raise ValueError("sims=... is evaluated on a dataset's test split: give dataset=NAME dataset.root=DIR")
-    sims = cfg.sims
+    sims, protocol = cfg.sims, data.get("protocol", "f30k")
     paths = [str(p) for p in sims] if OmegaConf.is_list(sims) else [str(sims)]
-    metrics = evaluate_saved(paths, data.root, data.test_split, data.get("protocol", "f30k"), data.name,
-                             data.get("eccv"))
+    metrics = evaluate_saved(paths, data.root, data.test_split, protocol, data.name, data.get("eccv"))
     if report is not None:
-        report(metrics, f"{data.name} {data.test_split} ({data.get('protocol', 'f30k')} protocol), "
+        report(metrics, f"{data.name} {data.test_split} ({protocol} protocol), "
                         f"{len(paths)} saved matri{'ces' if len(paths) > 1 else 'x'}")
     write_metrics(metrics, cfg.paths.output_dir)
     return metrics
