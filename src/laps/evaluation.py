@@ -47,7 +47,7 @@ def score_matrix(
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     n_img, n_cap = img_embs.shape[0], cap_embs.shape[0]
     out = torch.zeros(n_img, n_cap, dtype=torch.float32)
-    caption = head.prepare_captions(cap_embs.to(device), torch.as_tensor(cap_lens).to(device))
+    caption = head.prepare_captions(cap_embs.to(device), cap_lens)  # lengths read once, on the host
     starts = list(range(0, n_img, image_block))[rank::world]
     bar = tqdm(starts, desc="Scoring pairs", unit="block", disable=not progress or rank != 0, leave=False)
     for start in bar:

@@ -250,6 +250,11 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
+def vocab_size() -> int:
+    """Tokens of the synthetic set's vocabulary (fixed: the special tokens and every word)."""
+    return len(SPECIAL_TOKENS) + len(all_vocab_words())
+
+
 def _write_tokenizer_files(out: Path) -> int:
     vocab = list(SPECIAL_TOKENS) + all_vocab_words()
     _write_lines(out / "vocab.txt", vocab)

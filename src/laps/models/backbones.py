@@ -23,6 +23,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEXT_ENCODER = "bert-base-uncased"
 """The text encoder of every LAPS backbone (hub id; its tokenizer is the datasets' default)."""
 
+TEXT_VOCAB_SIZE = 30522
+"""The vocabulary of :data:`TEXT_ENCODER`'s tokenizer (a random text model's, without a dataset)."""
+
 _SWIN_B = {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32]}
 
 # transformers config fields of the known hub ids, so that random-init models and official

@@ -81,7 +81,7 @@ def gumbel_similarity(head, img_embs: Tensor, caption: PreparedCaptions) -> tupl
     ``head`` is a :class:`~laps.models.head.LAPSHead` built with ``selection="gumbel"``; ``caption``
     (words ``(B_t, L_t, C)``) comes from its ``prepare_captions``.
     """
-    words_n, cap_lens, query = caption
+    words_n, cap_lens, query, _ = caption
     n_cls = int(head.has_cls)
     cls, patches = img_embs[:, :n_cls], img_embs[:, n_cls:]
     real = words_n.dtype  # fp32, float64 for float64 inputs (prepare_captions)

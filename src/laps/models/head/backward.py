@@ -10,6 +10,7 @@ forward to keep nothing. Shapes as in :mod:`laps.models.head.kernels`.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -176,10 +177,11 @@ class PairScores(torch.autograd.Function):
         words: Tensor,
         lens: Tensor,
         query: Tensor,
+        lengths: tuple[int, ...],
         config: ScoreConfig,
     ) -> tuple[Tensor, Tensor | None]:
         images = PreparedImages(tokens, patch_norm, salience, gram, weights, weights_t, cls_norm)
-        sims, mask, state = score_blocks(images, words, lens, query, config, save=True)
+        sims, mask, state = score_blocks(images, words, lens, query, lengths, config, save=True)
         ctx.save_for_backward(tokens, weights, words, gram, cls_norm)
         # no gradients: kept as they are
         ctx.selection, ctx.weights_t = (patch_norm, salience), weights_t
@@ -192,7 +194,7 @@ class PairScores(torch.autograd.Function):
     def backward(ctx, grad: Tensor, _grad_mask: Tensor | None):  # type: ignore[override]
         with cpu_backend_scope(ctx.config.plan.gemm):  # backward runs outside the forward's scope
             d_tokens, d_weights, d_words = _pair_scores_backward(ctx, grad)
-        return d_tokens, None, None, None, d_weights, None, None, d_words, None, None, None
+        return d_tokens, None, None, None, d_weights, None, None, d_words, None, None, None, None
 
 
 def _pair_scores_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -204,14 +206,14 @@ def _pair_scores_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor, Ten
     images = PreparedImages(tokens, *ctx.selection, gram, weights, ctx.weights_t, cls_norm)
     acc = _GradAccumulator(tokens, gram, weights, cls_norm, state["words_s"])
     ws = Workspace()
-    nonzero = grad_s != 0
+    nonzero = _gradient_pattern(grad_s, config, state["order_host"])
     dense_cost = sum(
         (v1 - v0) * (t1 - t0) * (1 if cache is not None else 2)
         for (v0, v1, t0, t1, _), cache in zip(state["plan"], state["caches"])
     )
     groups = _sparse_groups(nonzero, config.block_pairs)
-    sparse_cost = 2 * sum(rows.numel() * slots.shape[1] for rows, slots in groups)
-    config.feedback.sparse = sparse_cost < nonzero.numel()
+    sparse_cost = 2 * sum(rows.size * slots.shape[1] for rows, slots in groups)
+    config.feedback.sparse = sparse_cost < nonzero.size
     if sparse_cost < dense_cost:
         _sparse_backward(images, state, config, grad_s, groups, acc, ws)
     else:
@@ -222,17 +224,28 @@ def _pair_scores_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor, Ten
     return d_tokens, acc.weights, d_words.to(words.dtype)
 
 
+def _gradient_pattern(grad_s: Tensor, config: ScoreConfig, order: list[int]) -> np.ndarray:
+    """The pairs (V, T) with a gradient, captions in the sorted order, on the host: the head's
+    ``declared_gradients`` (given in the callers' caption order) when set, else read from ``grad_s``."""
+    if config.declared_gradients is not None:
+        return np.asarray(config.declared_gradients, dtype=bool)[:, order]
+    return (grad_s != 0).cpu().numpy()
+
+
 def _sparse_backward(images: PreparedImages, state: dict, config: ScoreConfig, grad_s: Tensor,
-                     groups: list[tuple[Tensor, Tensor]], acc: _GradAccumulator, ws: Workspace) -> None:
+                     groups: list[tuple[np.ndarray, np.ndarray]], acc: _GradAccumulator, ws: Workspace) -> None:
     """Few pairs carry a gradient (e.g. hardest negatives): recompute just those, a group of images
     with their captions at a time (:func:`_sparse_groups`), and add their gradients to ``acc``."""
     lens_s, words_s, keep_s, fuse_s, total_s, sq_s = (
         state[k] for k in ("lens_s", "words_s", "keep_s", "fuse_s", "total_s", "sq_s"))
     precise, mm_dtype, device = images.gram.dtype, config.mm_dtype, images.tokens.device
     n_tok, dim, n_patch = images.tokens.shape[1], images.tokens.shape[2], images.gram.shape[1]
-    for rows, slots in groups:
-        width = int(lens_s[slots].max())
-        n_rows, n_slots = slots.shape
+    widths = np.asarray(state["widths"])
+    for rows_host, slots_host in groups:
+        width = int(widths[slots_host].max())
+        n_rows, n_slots = slots_host.shape
+        rows = torch.as_tensor(rows_host, device=device)
+        slots = torch.as_tensor(slots_host, device=device)
         pairs = (rows.unsqueeze(1), slots)
         group = images.take(rows)
         words_g, keep_g, fuse_g, total_g = words_s[slots, :width], keep_s[pairs], fuse_s[pairs], total_s[pairs]
@@ -250,7 +263,7 @@ def _sparse_backward(images: PreparedImages, state: dict, config: ScoreConfig, g
         acc.add_rows(rows, slots, width, (d_tok, d_gram, d_w, d_cls, d_words.view(n_rows, n_slots, width, dim)))
 
 
-def _dense_backward(images: PreparedImages, state: dict, config: ScoreConfig, grad_s: Tensor, nonzero: Tensor,
+def _dense_backward(images: PreparedImages, state: dict, config: ScoreConfig, grad_s: Tensor, nonzero: np.ndarray,
                     acc: _GradAccumulator, ws: Workspace) -> None:
     """Block by block as planned in forward (recomputing blocks whose intermediates were not kept),
     the word-token gradients of an image range's blocks gathered side by side; then the norms, a run
@@ -297,7 +310,7 @@ def _dense_backward(images: PreparedImages, state: dict, config: ScoreConfig, gr
                 acc.words[t0:t1, :width] += d_words[col : col + n_cols].view(t1 - t0, width, dim)
                 col += n_cols
     for s0, s1, proj in state["runs"]:  # (with the runs' products G w^T where forward kept them)
-        if bool(nonzero[:, s0:s1].any()):
+        if nonzero[:, s0:s1].any():
             acc.weights += norms_backward(images, keep_s[:, s0:s1], fuse_s[:, s0:s1], total_s[:, s0:s1],
                                           d_sq_s[:, s0:s1], mm_dtype, config.plan, acc.gram, ws, proj)
 
@@ -355,12 +368,12 @@ class _GradAccumulator:
         return self.tokens
 
 
-def _image_ranges(plan: list, caches: list, nonzero: Tensor) -> list[tuple[tuple[int, int], list]]:
+def _image_ranges(plan: list, caches: list, nonzero: np.ndarray) -> list[tuple[tuple[int, int], list]]:
     """The blocks of ``plan`` with a nonzero gradient, grouped by their image range:
     ``[((v0, v1), [(t0, t1, width, cache), ...]), ...]``."""
     ranges: dict[tuple[int, int], list] = {}
     for (v0, v1, t0, t1, width), cache in zip(plan, caches):
-        if bool(nonzero[v0:v1, t0:t1].any()):
+        if nonzero[v0:v1, t0:t1].any():
             ranges.setdefault((v0, v1), []).append((t0, t1, width, cache))
     return list(ranges.items())
 
@@ -382,19 +395,19 @@ def _column_groups(blocks: list, column_bytes: int, budget: int) -> list[list]:
     return groups
 
 
-def _sparse_groups(nonzero: Tensor, block_pairs: int) -> list[tuple[Tensor, Tensor]]:
-    """Images with a nonzero gradient for some caption, grouped with their captions.
+def _sparse_groups(nonzero: np.ndarray, block_pairs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Images with a nonzero gradient for some caption, grouped with their captions (on the host).
 
     ``nonzero`` is (V, T) bool. Returns ``(rows, slots)`` pairs: image indices (V_g,) and, per
     image, ``S_g`` caption indices (V_g, S_g) listing its nonzero captions first (then captions
     with zero gradient as padding, which add nothing). Images are grouped by their count so that
     padding stays small, with at most ``block_pairs`` pairs per group.
     """
-    counts = nonzero.sum(dim=1)
-    by_count = torch.argsort(counts, descending=True, stable=True)
-    sorted_counts = counts.index_select(0, by_count).tolist()
+    counts = nonzero.sum(axis=1)
+    by_count = np.argsort(-counts, kind="stable")
+    sorted_counts = counts[by_count].tolist()
     # nonzero captions first in every row (stable, so in caption order)
-    ranked = torch.argsort((~nonzero).to(torch.uint8), dim=1, stable=True)
+    ranked = np.argsort(~nonzero, axis=1, kind="stable")
     groups, start = [], 0
     n_rows = len(sorted_counts)
     while start < n_rows and sorted_counts[start] > 0:
@@ -405,6 +418,6 @@ def _sparse_groups(nonzero: Tensor, block_pairs: int) -> list[tuple[Tensor, Tens
         while stop < limit and 4 * sorted_counts[stop] >= 3 * n_slots:
             stop += 1
         rows = by_count[start:stop]
-        groups.append((rows, ranked.index_select(0, rows)[:, :n_slots]))
+        groups.append((rows, ranked[rows, :n_slots]))
         start = stop
     return groups

@@ -8,6 +8,7 @@ image-independent work of :meth:`laps.models.head.LAPSHead.prepare_images` and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -60,15 +61,35 @@ class PreparedImages(NamedTuple):
 
 class PreparedCaptions(NamedTuple):
     """Per-caption inputs: normalised words ``words_n`` (T, L_t, C) in fp32 (float64 for float64
-    inputs), ``lens`` (T,) and ``query`` (T, C), the normalised mean of the valid words (no gradient)."""
+    inputs), ``lens`` (T,) on the words' device, ``query`` (T, C), the normalised mean of the valid
+    words (no gradient), and ``lengths``, the same lengths as Python ints: the block planning reads
+    them on the host, so that it needs no device-to-host copy (and runs on fake tensors)."""
 
     words_n: Tensor
     lens: Tensor
     query: Tensor
+    lengths: tuple[int, ...]
 
     def take(self, index: slice | Tensor) -> PreparedCaptions:
         """The captions at ``index`` (a slice, or a tensor of caption indices)."""
-        return PreparedCaptions(*(t[index] for t in self))
+        if isinstance(index, slice):
+            lengths = self.lengths[index]
+        else:
+            lengths = tuple(self.lengths[i] for i in index.tolist())
+        return PreparedCaptions(self.words_n[index], self.lens[index], self.query[index], lengths)
+
+
+def host_lengths(lengths: Tensor | Sequence[int], name: str = "cap_lens") -> tuple[int, ...]:
+    """Caption lengths as Python ints, from a tensor ``(B,)`` (one copy to the host) or a sequence.
+
+    Under fake tensors (``laps-estimate``) the lengths must be real: a real tensor or a list."""
+    if isinstance(lengths, Tensor):
+        try:
+            values = lengths.tolist()  # no operator: also from a real tensor under a fake mode
+            return tuple(int(n) for n in (values if isinstance(values, list) else [values]))
+        except RuntimeError as err:  # a fake tensor has no values
+            raise ValueError(f"{name} must hold real values (a list, or a tensor that is not fake): {err}") from err
+    return tuple(int(n) for n in lengths)
 
 
 def keep_count(num_patches: int, sparse_ratio: float) -> int:

@@ -96,13 +96,15 @@ def score_blocks(
     words: Tensor,
     lens: Tensor,
     query: Tensor,
+    lengths: tuple[int, ...],
     config: ScoreConfig,
     save: bool,
 ) -> tuple[Tensor, Tensor | None, dict | None]:
     """All pairs, block by block: ``sims`` (V, T), keep mask (V, T, N) or None, and saved state.
 
-    ``words`` (T, L, C) normalised, ``lens`` (T,) and ``query`` (T, C) are the captions'
-    (:class:`~laps.models.head.common.PreparedCaptions`); blocks as ``config.plan`` says.
+    ``words`` (T, L, C) normalised, ``lens`` (T,), ``query`` (T, C) and the host-side ``lengths``
+    are the captions' (:class:`~laps.models.head.common.PreparedCaptions`); blocks as
+    ``config.plan`` says.
 
     Captions are visited sorted by length so that each block is padded only to its own longest
     caption. The patch selection and the norms of the aggregated and fusion tokens (which do not
@@ -114,9 +116,11 @@ def score_blocks(
     tokens = images.tokens
     n_img, n_cap = tokens.shape[0], words.shape[0]
     n_tok, n_patch, n_aggr = tokens.shape[1], images.weights.shape[1], images.weights.shape[2]
-    order = torch.argsort(lens, stable=True)
+    # planned on the host (a stable sort, as torch.argsort(stable=True)): no device-to-host copy
+    order_host = sorted(range(n_cap), key=lengths.__getitem__)
+    widths = [lengths[t] for t in order_host]
+    order = torch.tensor(order_host, dtype=torch.long, device=tokens.device)
     lens_s = lens.index_select(0, order)
-    widths = lens_s.tolist()
     words_s = words.index_select(0, order)
     query_s = query.index_select(0, order)
     precise = images.gram.dtype
@@ -174,7 +178,8 @@ def score_blocks(
     mask = keep_all.index_select(1, inverse) if config.return_mask else None
     state = None
     if save:
-        state = {"plan": plan, "caches": caches, "runs": runs, "order": order, "lens_s": lens_s, "words_s": words_s,
+        state = {"plan": plan, "caches": caches, "runs": runs, "order": order, "order_host": order_host,
+                 "widths": widths, "lens_s": lens_s, "words_s": words_s,
                  "keep_s": keep_all, "fuse_s": fuse_all, "total_s": total_all, "sq_s": sq_all}
     return sims, mask, state
 

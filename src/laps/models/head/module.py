@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,6 +17,7 @@ from laps.models.head.common import (
     PreparedImages,
     aggregated_count,
     check_ratios,
+    host_lengths,
     keep_count,
     precise_dtype,
 )
@@ -77,6 +80,10 @@ class LAPSHead(nn.Module):
     State: ``feedback`` (:class:`~laps.models.head.plan.GradientFeedback`) is written by each
     backward and read by the next training forward: after a backward in which few pairs carried a
     gradient, the forward keeps no intermediates (backward recomputes those pairs anyway).
+    ``declared_gradients`` (``None`` by default): a ``(B_v, B_t)`` boolean array of the pairs whose
+    similarity gets a gradient, which backward then takes instead of reading them from the
+    gradient's values; a simulation on fake tensors (``laps-estimate``), which have no values, sets
+    it. Pairs outside it get no gradient.
     """
 
     SELECTIONS = ("topk", "gumbel")
@@ -118,6 +125,7 @@ class LAPSHead(nn.Module):
         self.max_saved_mb = float(max_saved_mb)
         self.plan = plan
         self.feedback = GradientFeedback()
+        self.declared_gradients = None
         self.num_keep = keep_count(num_patches, sparse_ratio)
         self.num_aggregated = aggregated_count(num_patches, sparse_ratio, aggr_ratio)
         self.aggregation = TokenAggregation(embed_dim, self.num_aggregated)
@@ -136,8 +144,14 @@ class LAPSHead(nn.Module):
         )
 
     # ------------------------------------------------------------------ validation
-    def check_inputs(self, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor) -> Tensor:
-        """The caption lengths as a long tensor ``(B_t,)``, after checking the shapes; ``ValueError`` naming the tensor."""
+    def check_inputs(self, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor | Sequence[int]) -> Tensor:
+        """The caption lengths as a long tensor ``(B_t,)`` on the words' device, after checking the
+        shapes; ``ValueError`` naming the tensor."""
+        return self._check_inputs(img_embs, cap_embs, cap_lens)[0]
+
+    def _check_inputs(
+        self, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor | Sequence[int]
+    ) -> tuple[Tensor, tuple[int, ...]]:
         if img_embs.dim() != 3:
             raise ValueError(f"img_embs must be (B_v, L_v, C), got shape {tuple(img_embs.shape)}")
         if cap_embs.dim() != 3:
@@ -153,15 +167,15 @@ class LAPSHead(nn.Module):
                 f"embedding sizes disagree: img_embs has {img_embs.shape[2]}, cap_embs has "
                 f"{cap_embs.shape[2]}, the head expects embed_dim={self.embed_dim}"
             )
-        cap_lens = torch.as_tensor(cap_lens, device=cap_embs.device).long().reshape(-1)
-        if cap_lens.numel() != cap_embs.shape[0]:
-            raise ValueError(f"cap_lens has {cap_lens.numel()} entries for {cap_embs.shape[0]} captions")
-        if cap_lens.numel() and (int(cap_lens.min()) < 1 or int(cap_lens.max()) > cap_embs.shape[1]):
+        lengths = host_lengths(cap_lens)
+        if len(lengths) != cap_embs.shape[0]:
+            raise ValueError(f"cap_lens has {len(lengths)} entries for {cap_embs.shape[0]} captions")
+        if lengths and (min(lengths) < 1 or max(lengths) > cap_embs.shape[1]):
             raise ValueError(
                 f"cap_lens must lie in [1, {cap_embs.shape[1]}] (the caption tensor's length), "
-                f"got min {int(cap_lens.min())}, max {int(cap_lens.max())}"
+                f"got min {min(lengths)}, max {max(lengths)}"
             )
-        return cap_lens
+        return _device_lengths(cap_lens, lengths, cap_embs.device), lengths
 
     # ------------------------------------------------------------------ public API
     def forward(
@@ -187,8 +201,7 @@ class LAPSHead(nn.Module):
         self, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor, return_mask: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """``sims`` ``(B_v, B_t)`` (fp32) and, on request, the keep mask ``(B_v, B_t, N)``."""
-        cap_lens = self.check_inputs(img_embs, cap_embs, cap_lens)
-        caption = self.prepare_captions(cap_embs, cap_lens)
+        caption = self._prepare_captions(cap_embs, *self._check_inputs(img_embs, cap_embs, cap_lens))
         if self.selection == "gumbel":
             return self._gumbel(img_embs, caption, return_mask)
         return self.score_prepared(self.prepare_images(img_embs), caption, return_mask=return_mask)
@@ -233,6 +246,7 @@ class LAPSHead(nn.Module):
             feedback=self.feedback,
             return_mask=return_mask,
             plan=plan,
+            declared_gradients=self.declared_gradients,
         )
         with cpu_backend_scope(plan.gemm):
             if torch.is_grad_enabled() and any(t.requires_grad for t in (tokens, image.weights, words)):
@@ -282,12 +296,25 @@ class LAPSHead(nn.Module):
         return PreparedImages(img_embs, patch_norm, salience, gram, weights, weights_t, cls_norm)
 
     @staticmethod
-    def prepare_captions(cap_embs: Tensor, cap_lens: Tensor) -> PreparedCaptions:
+    def prepare_captions(cap_embs: Tensor, cap_lens: Tensor | Sequence[int]) -> PreparedCaptions:
         """Image-independent work, once per caption: :class:`~laps.models.head.common.PreparedCaptions`
-        of the word tokens ``cap_embs`` ``(B_t, L_t, C)`` with lengths ``cap_lens`` ``(B_t,)``."""
+        of the word tokens ``cap_embs`` ``(B_t, L_t, C)`` with lengths ``cap_lens`` ``(B_t,)`` (a
+        tensor on any device, or a list of ints)."""
+        lengths = host_lengths(cap_lens)
+        return LAPSHead._prepare_captions(cap_embs, _device_lengths(cap_lens, lengths, cap_embs.device), lengths)
+
+    @staticmethod
+    def _prepare_captions(cap_embs: Tensor, lens: Tensor, lengths: tuple[int, ...]) -> PreparedCaptions:
         with torch.autocast(cap_embs.device.type, enabled=False):
             precise = precise_dtype(cap_embs.dtype)
             words_n = F.normalize(cap_embs.to(precise), dim=-1)
             with torch.no_grad():
-                query = pool_text(cap_embs, cap_lens)
-        return PreparedCaptions(words_n, cap_lens, query)
+                query = pool_text(cap_embs, lens)
+        return PreparedCaptions(words_n, lens, query, lengths)
+
+
+def _device_lengths(cap_lens: Tensor | Sequence[int], lengths: tuple[int, ...], device: torch.device) -> Tensor:
+    """The lengths as a long tensor on ``device``: ``cap_lens`` itself when it is already there."""
+    if isinstance(cap_lens, Tensor) and cap_lens.device == device:
+        return cap_lens.long().reshape(-1)
+    return torch.tensor(lengths, dtype=torch.long, device=device)

@@ -131,6 +131,7 @@ class ScoreConfig(NamedTuple):
     feedback: GradientFeedback
     return_mask: bool
     plan: HeadPlan
+    declared_gradients: object = None  # (V, T) bool array-like: LAPSHead.declared_gradients
 
 
 def pair_bytes(n_tok: int, n_word: int, n_aggr: int, precise: torch.dtype) -> int:
