@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU checks of the LAPS head, one command, under 5 minutes on one H100:
+# GPU checks of the LAPS head, one command, under 8 minutes on one H100:
 #   1. head parity tests on CUDA (golden fixtures and randomized cases vs the reference loop),
 #   2. laps-bench at ViT-B/16 224, Swin-B 224 and ViT-B/16 384, batch 128: head training step,
-#      F30K-shaped scoring (1,000 x 5,000 pairs), memory, and a full bf16 training step.
+#      F30K-shaped scoring (1,000 x 5,000 pairs), memory, and a full bf16 training step,
+#   3. laps-estimate against torch.cuda.max_memory_allocated of the same step (ViT-B/16 224,
+#      batch 64, fp32 and bf16-mixed, 20-token captions): estimate.json with measured_peak_gib.
 # Results (JSON, logs, junit XML) go to $OUT when set, else ./gpu_results.
 # Usage (repository root): bash scripts/gpu_checks.sh
 set -euo pipefail
@@ -13,7 +15,7 @@ mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python}"
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 start=$(date +%s)
-DEADLINE="${GPU_CHECKS_DEADLINE:-285}"  # seconds for the whole script
+DEADLINE="${GPU_CHECKS_DEADLINE:-470}"  # seconds for the whole script
 log() { echo "[gpu_checks +$(( $(date +%s) - start ))s] $*" | tee -a "$OUT_DIR/gpu_checks.log"; }
 # timeout for the next step: its own cap, but never past the deadline
 budget() { local left=$(( DEADLINE - ($(date +%s) - start) )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"; }
@@ -48,6 +50,15 @@ for backbone in vit swin vit_384; do
   timeout "$(budget 110)" "$PY" -m laps.cli.bench --device cuda --train-step "$backbone" --batch 128 \
     --score-images 1000 --score-captions 5000 --reference-captions 250 --repeats 2 --train-steps 3 \
     --out "$OUT_DIR/bench_${backbone}.json" 2>&1 | tee "$OUT_DIR/bench_${backbone}.log" || status=1
+done
+
+# --- 3. the memory estimate against the measured peak -----------------------------------------
+for precision in 32-true bf16-mixed; do
+  log "laps-estimate estimate.measure=true, ViT-B/16 224 batch 64 $precision"
+  timeout "$(budget 90)" "$PY" -m laps.cli.estimate experiment=f30k_vit dataset.batch_size=64 \
+    trainer.precision="$precision" estimate.caption_length=20 estimate.measure=true \
+    hydra.run.dir="$OUT_DIR/estimate_$precision" paths.output_dir="$OUT_DIR/estimate_$precision" \
+    2>&1 | tee "$OUT_DIR/estimate_$precision.log" || status=1
 done
 
 log "done (status $status); results in $OUT_DIR"

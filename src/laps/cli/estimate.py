@@ -36,6 +36,8 @@ def estimate_table(result: dict) -> None:
         ("caption tokens", str(result["caption_length"])),
         ("TFLOPs per step / GFLOPs per pair", f"{result['flops_per_step'] / 1e12:.2f} / {result['flops_per_pair'] / 1e9:.1f}"),
     ]
+    if "measured_peak_gib" in result:
+        rows.append(("measured on this GPU (GiB)", f"{result['measured_peak_gib']:.2f}"))
     if "max_batch" in result:
         rows.append((f"max batch per GPU in {result['max_memory_gib']:g} GiB", str(result["max_batch"])))
     for row in rows:

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from laps.data import synthetic
-from laps.estimate.step import Simulator, StepMemory, StepShape
+from laps.estimate.step import Simulator, StepMemory, StepShape, measured_peak
 from laps.models.backbones import TEXT_VOCAB_SIZE
 from laps.models.head.plan import HeadPlan
 from laps.training.tasks import build_module
@@ -83,6 +83,29 @@ def target_of(cfg: DictConfig) -> Target:
 
 def build_simulator(cfg: DictConfig, target: Target) -> Simulator:
     """The configured module with random weights, as a :class:`Simulator` for ``target``."""
+    module = _random_module(cfg, target)
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
+    return Simulator(module, HeadPlan.for_device(target.device), cuda=target.device == "cuda",
+                     clip_norm=float(clip) if clip else None)
+
+
+def measure_on_gpu(cfg: DictConfig, target: Target) -> dict[str, float]:
+    """The measured peak of the same steps on this machine's GPU (``estimate.measure=true``), in GiB."""
+    if not torch.cuda.is_available():
+        raise ValueError("estimate.measure=true needs a CUDA GPU on this machine")
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
+    out = {}
+    for name, hardest in (("dense", False), ("hardest", True)):
+        module = _random_module(cfg, target)
+        shape = shape_for(cfg, target, int(cfg.dataset.batch_size), hardest)
+        out[f"measured_peak_{name}_gib"] = measured_peak(module, shape, "cuda", float(clip) if clip else None) / GiB
+        del module
+        torch.cuda.empty_cache()
+    out["measured_peak_gib"] = max(out.values())
+    return out
+
+
+def _random_module(cfg: DictConfig, target: Target):
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.backbone.pretrained = False  # random weights of the same architecture: nothing downloaded
@@ -92,9 +115,7 @@ def build_simulator(cfg: DictConfig, target: Target) -> Simulator:
     param_dtype = PRECISIONS[target.precision][0]
     if param_dtype != torch.float32:
         module.to(param_dtype)
-    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
-    return Simulator(module, HeadPlan.for_device(target.device), cuda=target.device == "cuda",
-                     clip_norm=float(clip) if clip else None)
+    return module
 
 
 def shape_for(cfg: DictConfig, target: Target, batch_size: int, hardest: bool) -> StepShape:
@@ -219,6 +240,9 @@ def estimate(cfg: DictConfig, progress: Callable[[str], None] | None = None) -> 
         "fragmentation": float(cfg.estimate.fragmentation),
         "not_counted": list(NOT_COUNTED),
     })
+    if OmegaConf.select(cfg, "estimate.measure"):
+        say("measuring the same steps on this machine's GPU")
+        result.update(measure_on_gpu(cfg, target))
     card = OmegaConf.select(cfg, "estimate.max_memory_gib")
     if card is not None:
         limit = (1.0 - float(cfg.estimate.fragmentation)) * float(card) - float(cfg.estimate.overhead_gib)

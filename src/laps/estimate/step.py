@@ -237,3 +237,38 @@ class Simulator:
         if self.cuda_module is None:
             return None
         return forward_activations_cuda(self.cuda_module, shape, self.mode)
+
+
+def measured_peak(module, shape: StepShape, device: str = "cuda", clip_norm: float | None = None) -> int:
+    """``torch.cuda.max_memory_allocated`` of the same step on a real device (random values; the
+    optimizer's states created first), in bytes: the check of :class:`Simulator` on hardware.
+    ``module`` (real weights) is moved to ``device``."""
+    module.to(device)
+    configured = module.configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    init_optimizer_state(module, optimizer)
+    lengths = torch.full((shape.global_batch,), shape.caption_length, dtype=torch.long)
+    b = shape.batch_size
+    batch = {
+        "images": torch.randn(b, 3, shape.image_size, shape.image_size, device=device),
+        "input_ids": torch.randint(0, shape.vocab_size, (b, shape.caption_length), device=device),
+        "lengths": lengths[:b].to(device),
+        "image_indices": torch.arange(b, device=device),
+    }
+    module.train()
+    peak = 0
+    with _step_settings(module, shape, lengths):
+        for _ in range(2):  # the second step is the steady state
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            with torch.autocast("cuda", dtype=shape.autocast or torch.float32, enabled=shape.autocast is not None):
+                loss = module.training_step(batch, 0)
+            loss.backward()
+            if clip_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+    return int(peak)
