@@ -8,6 +8,8 @@ backward through CUDA tensors, so the head's backward with the GPU plan runs on 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
@@ -108,3 +110,34 @@ def test_declared_gradient_pattern_gives_the_gradients_read_from_values() -> Non
         head.zero_grad()
     for ours, ref in zip(*grads):
         torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_gpu_attention_runs_the_fused_kernel_on_fake_cuda() -> None:
+    """Without it the fused attention falls back to the math path on fake CUDA tensors (it cannot ask
+    the device), which keeps attention matrices a GPU never holds."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from laps.estimate.fake import gpu_attention
+
+    class Ops(TorchDispatchMode):
+        seen: ClassVar[set[str]] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    mode = new_fake_mode()
+    model = _tiny_on("cuda", mode).train()
+    for fused in (False, True):
+        Ops.seen = set()
+        with mode, Ops(), cuda_autocast(torch.bfloat16), (gpu_attention() if fused else _nothing()):
+            model.encode_image(torch.empty(2, 3, 64, 64, device="cuda"))
+            model.encode_text(torch.randint(0, 100, (2, 10), device="cuda"), torch.tensor([10, 6]))
+        efficient = "aten._scaled_dot_product_efficient_attention.default" in Ops.seen
+        assert efficient == fused and ("aten._safe_softmax.default" in Ops.seen) != fused
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -71,3 +71,34 @@ def cpu_autocast(dtype: torch.dtype | None) -> Iterator[None]:
     """CPU autocast in ``dtype`` (``None``: off), for the step on fake CPU tensors."""
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         yield
+
+
+def _memory_efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                           enable_gqa=False):
+    """``scaled_dot_product_attention`` through the CUDA memory-efficient kernel's operator, whose
+    fake implementation gives its outputs and what autograd keeps (the output and the log-sum-exp,
+    not the attention matrix). (GQA, which the encoders here do not use, is not supported.)"""
+    if enable_gqa:
+        raise ValueError("the fake-CUDA attention does not implement enable_gqa")
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attn_mask, float("-inf"))
+        attn_mask = attn_mask.to(query.dtype).expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def gpu_attention() -> Iterator[None]:
+    """Attention as a GPU runs it, on fake CUDA tensors. Without a device to ask, the fused
+    ``scaled_dot_product_attention`` falls back to the math path, which keeps the attention
+    matrices; a GPU takes the flash or memory-efficient kernel, which keep the output and the
+    log-sum-exp only. Inside this context the memory-efficient kernel's operator is called."""
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _memory_efficient_sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original

@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
 
-from laps.estimate.fake import cpu_autocast, cuda_autocast, fake_module_, new_fake_mode
+from laps.estimate.fake import cpu_autocast, cuda_autocast, fake_module_, gpu_attention, new_fake_mode
 from laps.models.head.plan import HeadPlan
 
 TOTAL = "Total"
@@ -162,14 +162,15 @@ def simulate_step(
 def forward_activations_cuda(module, shape: StepShape, mode: FakeTensorMode) -> int:
     """Bytes the forward of a training step holds at its end on fake CUDA tensors, under CUDA's
     autocast (the module's parameters must be fake CUDA tensors): the CUDA code path of every
-    part of the step, and the activations under CUDA's op lists."""
+    part of the step, and the activations under CUDA's op lists and with its attention kernels
+    (:func:`~laps.estimate.fake.gpu_attention`)."""
     batch = fake_batch(shape, "cuda", mode)
     lengths = batch["lengths"].repeat(shape.world_size)
     module.train()
     tracker = MemTracker()
     tracker.track_external(module)
     with _step_settings(module, shape, lengths), mode, tracker:
-        with cuda_autocast(shape.autocast):
+        with cuda_autocast(shape.autocast), gpu_attention():
             loss = module.training_step(batch, 0)
         snapshot = tracker.get_tracker_snapshot("current")
         del loss
