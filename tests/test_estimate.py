@@ -61,18 +61,20 @@ def test_max_batch_reports_a_peak_that_does_not_grow() -> None:
     assert not found["monotone"]
 
 
-def test_estimate_has_the_figures_and_a_card_gives_max_batch(make_cfg) -> None:
-    cfg = _cfg(make_cfg, ["backbone=tiny", "trainer=gpu", "estimate.max_memory_gib=1.52",
+def test_estimate_has_the_figures_and_cards_give_max_batch(make_cfg) -> None:
+    """Tiny backbone: the figures, and the largest batch for two cards (a bigger card, no smaller batch)."""
+    cfg = _cfg(make_cfg, ["backbone=tiny", "trainer=gpu", "estimate.max_memory_gib=[1.52,1.54]",
                           "estimate.overhead_gib=1.5", "estimate.fragmentation=0.0"])
     result = estimate(cfg)
     assert KEYS <= set(result) and result["device"] == "cuda" and result["batch_size"] == 4
     assert result["peak_gib"] == max(result["peak_dense_gib"], result["peak_hardest_gib"])
     assert result["peak_gib"] >= result["params_gib"] + result["optimizer_gib"] > 0
     assert result["flops_per_pair"] == result["flops_per_step"] / 4
-    assert result["max_batch"] >= 2
     tried = {int(b): p for b, p in result["max_batch_tried"].items()}
-    limit = 1.52 - 1.5
-    assert tried[result["max_batch"]] <= limit < tried[result["max_batch"] + 1]
+    small, large = result["max_batch"]["1.52"], result["max_batch"]["1.54"]
+    assert 2 <= small <= large and result["max_batch_monotone"]
+    for card, found in ((1.52, small), (1.54, large)):
+        assert tried[found] <= card - 1.5 < tried[found + 1]
 
 
 def test_gradient_checkpointing_is_estimated(make_cfg) -> None:

@@ -38,7 +38,9 @@ def estimate_table(result: dict) -> None:
     ]
     if "measured_peak_gib" in result:
         rows.append(("measured on this GPU (GiB)", f"{result['measured_peak_gib']:.2f}"))
-    if "max_batch" in result:
+    if isinstance(result.get("max_batch"), dict):
+        rows.extend((f"max batch per GPU in {card} GiB", str(b)) for card, b in result["max_batch"].items())
+    elif "max_batch" in result:
         rows.append((f"max batch per GPU in {result['max_memory_gib']:g} GiB", str(result["max_batch"])))
     for row in rows:
         table.add_row(*row)

@@ -243,11 +243,9 @@ def estimate(cfg: DictConfig, progress: Callable[[str], None] | None = None) -> 
     if OmegaConf.select(cfg, "estimate.measure"):
         say("measuring the same steps on this machine's GPU")
         result.update(measure_on_gpu(cfg, target))
-    card = OmegaConf.select(cfg, "estimate.max_memory_gib")
-    if card is not None:
-        limit = (1.0 - float(cfg.estimate.fragmentation)) * float(card) - float(cfg.estimate.overhead_gib)
-        say(f"searching the largest batch within {card} GiB")
-        known = {batch: result["peak_gib"]}
+    cards = OmegaConf.select(cfg, "estimate.max_memory_gib")
+    if cards is not None:
+        known = {batch: result["peak_gib"]}  # one simulation per batch, shared by the cards
 
         def peak_at(b: int) -> float:
             if b not in known:
@@ -255,14 +253,26 @@ def estimate(cfg: DictConfig, progress: Callable[[str], None] | None = None) -> 
                 known[b] = measure(sim, cfg, target, b)["peak_gib"]
             return known[b]
 
-        found = max_batch(peak_at, limit, start=batch)
-        if not found["monotone"]:
-            log.warning("the peak did not grow with the batch on the batches tried (%s): max_batch may be off",
-                        found["tried"])
-        result.update({"max_memory_gib": float(card), "max_batch": found["max_batch"],
-                       "max_batch_tried": {str(b): p for b, p in found["tried"].items()},
-                       "max_batch_monotone": found["monotone"]})
+        listed = not isinstance(cards, (int, float))
+        found = {float(card): _search(cfg, float(card), peak_at, batch, say) for card in (cards if listed else [cards])}
+        result.update(found[float(cards)] if not listed else {
+            "max_memory_gib": list(found), "max_batch": {f"{card:g}": f["max_batch"] for card, f in found.items()},
+            "max_batch_tried": {str(b): known[b] for b in sorted(known)},
+            "max_batch_monotone": all(f["max_batch_monotone"] for f in found.values())})
     return result
+
+
+def _search(cfg: DictConfig, card: float, peak_at: Callable[[int], float], start: int,
+            say: Callable[[str], None]) -> dict[str, Any]:
+    """``max_batch`` within a card of ``card`` GiB, less the overhead and the fragmentation."""
+    limit = (1.0 - float(cfg.estimate.fragmentation)) * card - float(cfg.estimate.overhead_gib)
+    say(f"searching the largest batch within {card:g} GiB")
+    found = max_batch(peak_at, limit, start=start)
+    if not found["monotone"]:
+        log.warning("the peak did not grow with the batch on the batches tried (%s): max_batch may be off",
+                    found["tried"])
+    return {"max_memory_gib": card, "max_batch": found["max_batch"],
+            "max_batch_tried": {str(b): p for b, p in found["tried"].items()}, "max_batch_monotone": found["monotone"]}
 
 
 def write_estimate(result: dict[str, Any], output_dir: str | Path) -> Path:
