@@ -99,6 +99,7 @@ class LAPSDataModule(LightningDataModule):
         self.image_mean = list(image_mean) if image_mean is not None else None
         self.image_std = list(image_std) if image_std is not None else None
         self.seed = seed
+        self._resume_epoch = 0  # the epoch of the next training batch, from a checkpoint (load_state_dict)
         self.eccv = eccv
         self._tokenizer = None
         self._sets: dict[str, Any] = {}
@@ -155,8 +156,11 @@ class LAPSDataModule(LightningDataModule):
                 "persistent_workers": self.num_workers > 0}
 
     def _loader(self, dataset, batch_size: int, collate) -> DataLoader:
-        """An evaluation loader: in order, nothing dropped."""
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, **self._worker_options())
+        """An evaluation loader: in order, nothing dropped. Its own generator: an iterator of a loader
+        without one draws its base seed from the global generator, which would move the training's
+        random stream (dropout) by one draw per validation, and differently in a resumed run."""
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                          generator=torch.Generator().manual_seed(0), **self._worker_options())
 
     def train_dataloader(self) -> DataLoader:
         ds = PairDataset(
@@ -182,6 +186,10 @@ class LAPSDataModule(LightningDataModule):
         # its augmentation (any number of workers); nothing here draws from the global generators, so a
         # resumed run continues their stream (dropout) exactly.
         sampler = SeededShuffleSampler(ds, num_replicas=world, rank=rank, seed=seed, item_seeds=True)
+        # A run resumed at an epoch's end creates its first iterator before Lightning sets the epoch
+        # and loads no position: the epoch comes from the checkpoint (state_dict), or the next epoch
+        # would be dealt in epoch 0's order.
+        sampler.set_epoch(self._resume_epoch)
         return StatefulDataLoader(
             ds,
             batch_size=self.batch_size,
@@ -207,3 +215,15 @@ class LAPSDataModule(LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("test")
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"train_epoch": E}``: the epoch the next training batch belongs to (the next one once
+        this epoch's last batch is dealt)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        dealt = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        return {"train_epoch": int(trainer.current_epoch) + int(dealt)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_epoch = int(state_dict.get("train_epoch", 0))

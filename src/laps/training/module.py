@@ -212,6 +212,11 @@ class LAPSLitModule(LightningModule):
         checkpoint["laps_config"] = self.config_snapshot
         checkpoint["laps_state"] = {"nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self._nonfinite_in_a_row}
         checkpoint["laps_rng"] = capture_rng_state()  # tensors and ints only: loads under weights_only
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank saves (all call this hook); each draws its own dropout masks from its own stream
+            ranks: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, checkpoint["laps_rng"])
+            checkpoint["laps_rng_ranks"] = ranks
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("laps_state") or {}
@@ -220,7 +225,9 @@ class LAPSLitModule(LightningModule):
         # Resuming a fit continues the global random streams (dropout) where the checkpoint left them;
         # testing a checkpoint does not touch them. (Training items carry their own augmentation seeds.)
         if self._trainer is not None and self.trainer.state.fn == "fit":
-            restore_rng_state(checkpoint.get("laps_rng"))
+            ranks = checkpoint.get("laps_rng_ranks") or []
+            same_world = len(ranks) == self.trainer.world_size
+            restore_rng_state(ranks[self.trainer.global_rank] if same_world else checkpoint.get("laps_rng"))
 
     # ------------------------------------------------------------------ evaluation
     def _reset_eval(self) -> None:
