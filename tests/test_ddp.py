@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from helpers.common import TINY_WIDTH32
 from laps.training.module import LAPSLitModule
-from laps.training.tasks import build_datamodule, build_module
+from laps.training.tasks import build_datamodule, build_module, build_trainer
 
 # A very small ViT/BERT pair without dropout: 16 patches of 8 px, one layer each, width 32.
 TINY = [
@@ -110,7 +110,7 @@ def _grads(module: LightningModule, trainer_overrides: list[str], batch_size: in
     cfg = make_cfg([*TINY, *trainer_overrides, "+trainer.max_steps=1"], name=f"cfg_{batch_size}")
     data = FixedPairs(image_size=32)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=FixedPairs.collate)
-    trainer = instantiate(cfg.trainer, callbacks=[GradCapture(out)], limit_val_batches=0, **QUIET)
+    trainer = build_trainer(cfg.trainer, callbacks=[GradCapture(out)], limit_val_batches=0, **QUIET)
     assert trainer.gradient_clip_val == 2.0  # the recipe's clipping stays on: it acts after the capture
     try:
         trainer.fit(module, train_dataloaders=loader)
@@ -247,7 +247,7 @@ def _test_metrics(make_cfg, data_root: Path, trainer_overrides: list[str], name:
     datamodule = build_datamodule(cfg)
     torch.manual_seed(0)
     module = build_module(cfg, datamodule.vocab_size)
-    trainer = instantiate(cfg.trainer, **QUIET)
+    trainer = build_trainer(cfg.trainer, **QUIET)
     trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     saved = torch.load(Path(cfg.paths.output_dir) / "sims_test.pt", weights_only=True)

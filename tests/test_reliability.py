@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import pytest
 import torch
@@ -30,7 +29,7 @@ from laps.data.sampler import SeededShuffleSampler
 from laps.data.splits import DataError, load_split
 from laps.training.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from laps.training.module import LAPSLitModule, NonFiniteLossError
-from laps.training.tasks import build_datamodule, build_module, evaluate, train
+from laps.training.tasks import build_datamodule, build_module, build_trainer, evaluate, train
 
 SYNTHETIC = {"seed": 0, "n_train": 96, "n_dev": 12, "n_test": 12, "image_size": 64}  # = conftest's TINY_SYNTHETIC
 BASE = ["trainer=cpu", "logger=csv", "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0", "test=false",
@@ -74,7 +73,7 @@ def _fit(cfg, *callbacks: Callback):
     datamodule = build_datamodule(cfg)
     L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, datamodule.vocab_size)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=list(callbacks), logger=False,
+    trainer = build_trainer(cfg.trainer, callbacks=list(callbacks), logger=False,
                                       enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, datamodule=datamodule)
     return trainer, module, datamodule

@@ -138,6 +138,25 @@ def test_another_hosts_lock_is_honoured_and_names_the_file(tmp_path: Path) -> No
         pass
 
 
+def test_a_lock_of_an_earlier_incarnation_of_the_slurm_job_is_stale(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A requeued job (same id, restart count 1) on another node takes over the lock its first
+    incarnation left; another job's lock, or this incarnation's own, is honoured."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for holder, refused in (("4242.0", False), ("4243.0", True), ("4242.1", True)):
+        lock = _write_lock(tmp_path, 12345, host="node-17.example")
+        lock.write_text(json.dumps({**json.loads(lock.read_text()), "slurm": holder}))
+        if refused:
+            with pytest.raises(RunFolderLockedError, match="node-17.example"), run_folder_lock(tmp_path):
+                pass
+        else:
+            with run_folder_lock(tmp_path) as held:
+                assert json.loads(held.read_text())["slurm"] == "4242.1"
+            assert not lock.exists()
+        lock.unlink(missing_ok=True)
+
+
 def test_a_stale_lock_is_taken_over_and_released(tmp_path: Path) -> None:
     lock = _write_lock(tmp_path, _dead_pid())
     with run_folder_lock(tmp_path) as held:

@@ -42,6 +42,13 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("laps_job_label", job_label)
         OmegaConf.register_new_resolver("laps_run_group", run_group)
         OmegaConf.register_new_resolver("laps_run_stamp", run_stamp)  # one folder for all ranks
+    if not OmegaConf.has_resolver("laps_first"):  # run_name=NAME, else the job's stamp
+        OmegaConf.register_new_resolver("laps_first", _first_set)
+
+
+def _first_set(*values: object) -> object:
+    """The first value that is set (not ``None`` nor empty)."""
+    return next((v for v in values if v not in (None, "")), None)
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -26,6 +26,7 @@ import random
 import re
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,15 @@ __all__ = [
     "AtomicCheckpointIO",
     "LastCheckpoint",
     "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_text",
     "capture_rng_state",
+    "last_validation",
     "restore_rng_state",
 ]
 
 _TMP_SUFFIX = ".tmp"
+VALIDATION_KEY = "laps_last_validation"  # in every checkpoint: the metrics of the validation before it
 
 
 # ---------------------------------------------------------------------------------------------- atomic files
@@ -108,9 +113,19 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial ``path``.
+    """``torch.save(obj, path)`` that never leaves a partial ``path`` (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
-    The object is written to ``.{name}.{host}-{pid}.XXXX.tmp`` in the same folder, flushed and fsync-ed,
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
+    """Call ``write(file)`` on a new binary file that replaces ``path`` only once complete.
+
+    The data is written to ``.{name}.{host}-{pid}.XXXX.tmp`` in the same folder, flushed and fsync-ed,
     then renamed over ``path`` (:func:`os.replace`, atomic on POSIX and Windows within one file system).
     Readers see the old file until the rename and the complete new file after it. Temporaries of
     ``path`` left by an earlier, killed save are removed first. A full disk raises ``OSError``
@@ -126,7 +141,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         with os.fdopen(fd, "wb") as f:
             writer = _WriteErrors(f)
             try:
-                torch.save(obj, writer)
+                write(writer)
                 f.flush()
                 os.fsync(f.fileno())
             except (OSError, RuntimeError) as err:
@@ -260,6 +275,15 @@ class LastCheckpoint(Checkpoint):
 
     def state_dict(self) -> dict[str, Any]:
         return {"dirpath": str(self.dirpath), "filename": self.filename}
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        # a run resumed with nothing left to fit (stopped in its final test) reports these
+        checkpoint[VALIDATION_KEY] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def last_validation(checkpoint: dict[str, Any]) -> dict[str, float]:
+    """The validation metrics at the time ``checkpoint`` was saved (empty when it holds none)."""
+    return {str(k): float(v) for k, v in checkpoint.get(VALIDATION_KEY, {}).items()}
 
 
 # ---------------------------------------------------------------------------------------------- RNG states

@@ -4,7 +4,8 @@
 same folder (the same ``hydra.run.dir``) is refused with :class:`RunFolderLockedError` naming the
 holder, before it reads or deletes anything there: ``laps.cli.run_folder.RunFolderCheck`` takes the
 lock before Hydra writes its ``.hydra`` files, and the task keeps it. A lock whose holder is gone (the same host, no
-such process: a run that was killed) is stale and taken over, with a warning. A lock held from
+such process: a run that was killed) is stale and taken over, with a warning; so is one held on
+another host by an earlier incarnation of the same requeued SLURM job. Any other lock held from
 another host cannot be checked from here: it is honoured, and the message says which file to delete
 once that run is known to be over.
 """
@@ -37,15 +38,27 @@ class RunFolderLockedError(OSError):
     """Another live run holds the run folder."""
 
 
+def _slurm_incarnation() -> str | None:
+    """``<job id>.<restart count>`` under SLURM: a requeued job keeps its id, its restart count grows."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
+
+
 def _me() -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if _slurm_incarnation():
+        me["slurm"] = _slurm_incarnation()
+    return me
 
 
 def holder_alive(holder: dict[str, Any]) -> bool:
-    """Whether the process named by a lock's ``holder`` may still run: checked on this host, assumed
-    on another."""
+    """Whether the process named by a lock's ``holder`` may still run: checked on this host; on another,
+    assumed, except for an earlier incarnation of this requeued SLURM job (SLURM requeues a job only
+    once it has ended)."""
     if holder.get("host") != socket.gethostname():
-        return True
+        mine, theirs = _slurm_incarnation(), holder.get("slurm")
+        earlier_incarnation = bool(mine and theirs and mine.split(".")[0] == theirs.split(".")[0] and mine != theirs)
+        return not earlier_incarnation
     try:
         os.kill(int(holder["pid"]), 0)
     except ProcessLookupError:

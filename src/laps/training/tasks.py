@@ -5,6 +5,7 @@ writes ``metrics.json`` in the run directory (rank zero); the command prints the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -15,11 +16,21 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from laps.models.head import check_ratio
 from laps.models.hub import check_pretrained_available, disable_pretrained
 from laps.training.callbacks import finish_loggers
+from laps.training.checkpointing import atomic_write_text, last_validation
+from laps.training.csv_logger import ContinueCSV, ResumableCSVLogger
+from laps.training.preemption import PreemptionHandler
+from laps.training.resume import (
+    check_same_config,
+    finished_metrics,
+    record_config,
+    resolve_auto,
+    wandb_run_id,
+)
 from laps.training.runlock import is_first_process, run_folder_lock
 
 log = logging.getLogger("laps")
@@ -51,11 +62,18 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def write_metrics(metrics: dict[str, float], output_dir: str | Path) -> Path:
-    """``metrics.json`` in ``output_dir``: every metric, keys sorted."""
+    """``metrics.json`` in ``output_dir``: every metric, keys sorted; written atomically (its presence
+    marks a finished run for ``ckpt_path=auto``)."""
     path = Path(output_dir) / "metrics.json"
-    path.write_text(json.dumps({k: float(v) for k, v in sorted(metrics.items())}, indent=2))
+    atomic_write_text(path, json.dumps({k: float(v) for k, v in sorted(metrics.items())}, indent=2))
     log.info("metrics written to %s", path)
     return path
+
+
+def build_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> L.Trainer:
+    """The Trainer of ``cfg.trainer``; ``preemption_signals`` is the pre-emption callback's, not the Trainer's."""
+    options = {k: v for k, v in trainer_cfg.items() if k != "preemption_signals"}
+    return hydra.utils.instantiate(OmegaConf.create(options), **kwargs)
 
 
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:
@@ -115,6 +133,8 @@ def fit_caption_length(datamodule: Any, module: L.LightningModule) -> None:
 
 def checkpoint_file(ckpt_path: str | None, output_dir: str) -> Path | None:
     """``last`` -> the run directory's ``checkpoints/last.ckpt``, else the path; it must exist."""
+    if ckpt_path == "auto":
+        raise ValueError("ckpt_path=auto resumes a training run (laps-train); give a checkpoint's path here")
     if not ckpt_path:
         return None
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
@@ -182,15 +202,56 @@ def train(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
     ``val/..._best`` the monitored metric's best value, ``test/...``). With ``train=false`` the
     ``ckpt_path`` checkpoint is tested. ``model.init_from`` (an exported folder) gives the initial
     weights of a fit that does not resume a checkpoint. The run folder is locked while it runs
-    (:mod:`laps.training.runlock`): a second run on it is refused before it reads or changes anything."""
+    (:mod:`laps.training.runlock`): a second run on it is refused before it reads or changes anything.
+
+    ``ckpt_path=auto`` (:mod:`laps.training.resume`): resume the folder's ``last.ckpt`` if any, else
+    start fresh; a finished run (its ``metrics.json``) is not trained again, its metrics are returned.
+    A pre-emption signal raises :class:`~laps.training.preemption.Preempted` once ``last.ckpt`` is saved."""
     validate_config(cfg)
     with run_folder_lock(cfg.paths.output_dir, enabled=is_first_process()):
         return _train(cfg, report)
 
 
+def _resume_point(cfg: DictConfig) -> tuple[str | None, dict[str, float] | None]:
+    """``ckpt_path`` with ``auto`` resolved, or the metrics of the finished run in the folder."""
+    folder, ckpt_path = cfg.paths.output_dir, cfg.get("ckpt_path")
+    if ckpt_path != "auto":
+        return ckpt_path, None
+    done = finished_metrics(folder)
+    if done is not None:
+        return None, done
+    check_same_config(cfg, folder)
+    return resolve_auto(folder), None
+
+
+def _continue_wandb(logger_cfg: DictConfig | None, folder: str) -> None:
+    """A wandb logger gets the run folder's wandb run id (created on the first run) and ``resume="allow"``."""
+    for entry in (logger_cfg or {}).values():
+        if isinstance(entry, DictConfig) and str(entry.get("_target_", "")).endswith("WandbLogger"):
+            with open_dict(entry):
+                entry.id = entry.get("id") or wandb_run_id(folder, create=is_first_process())
+                entry.resume = entry.get("resume") or "allow"
+
+
 def _train(cfg: DictConfig, report: Report | None) -> dict[str, float]:
     check_pretrained_available(cfg.get("backbone"))  # offline: fail before reading any data
-    ckpt = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    ckpt_path, done = _resume_point(cfg)
+    if done is not None:
+        log.info("%s holds a finished run (metrics.json): not trained again", cfg.paths.output_dir)
+        if report is not None:
+            report({k: v for k, v in done.items() if k.startswith("test")}, f"{cfg.paths.output_dir} (finished)")
+        return done
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    handlers = [c for c in callbacks if isinstance(c, PreemptionHandler)]
+    with contextlib.ExitStack() as stack:
+        for handler in handlers:  # from here on a signal is recorded, not fatal
+            stack.enter_context(handler.installed())
+        return _fit_and_test(cfg, report, ckpt_path, callbacks)
+
+
+def _fit_and_test(cfg: DictConfig, report: Report | None, ckpt_path: str | None,
+                  callbacks: list[Any]) -> dict[str, float]:
+    ckpt = resolve_ckpt(ckpt_path, cfg.paths.output_dir)
     fitting = cfg.get("train", True)
     if not fitting and cfg.get("test", True) and ckpt is None:
         raise ValueError("train=false tests a checkpoint: set ckpt_path=... (or use laps-eval)")
@@ -205,19 +266,27 @@ def _train(cfg: DictConfig, report: Report | None) -> dict[str, float]:
     fit_caption_length(datamodule, module)
     if initial is not None:
         load_initial_weights(module, initial)
+    if fitting and is_first_process():
+        record_config(cfg, cfg.paths.output_dir)  # what a resubmission with ckpt_path=auto is checked against
+    _continue_wandb(cfg.get("logger"), cfg.paths.output_dir)
     loggers = instantiate_list(cfg.get("logger"))
-    callbacks = instantiate_list(cfg.get("callbacks"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if any(isinstance(logger, ResumableCSVLogger) for logger in loggers):
+        callbacks = [*callbacks, ContinueCSV()]
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(module.config_snapshot)  # the resolved config, caption length fitted
 
+    saved: dict[str, Any] = {}
     if ckpt is not None:  # another model size: name the parameter and both shapes, before Lightning reads it
         from laps.compat.serialization import check_state_shapes, safe_load
 
-        check_state_shapes(ckpt, module.state_dict(), safe_load(ckpt, mmap=True)["state_dict"])
+        saved = safe_load(ckpt, mmap=True)
+        check_state_shapes(ckpt, module.state_dict(), saved["state_dict"])
     if fitting:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if fitting and not metrics:  # the checkpoint's fit was complete (the run stopped in its test)
+        metrics = last_validation(saved)
     checkpointing = trainer.checkpoint_callback
     if fitting and checkpointing is not None and checkpointing.best_model_score is not None:
         metrics[f"{checkpointing.monitor}_best"] = float(checkpointing.best_model_score)
@@ -355,7 +424,7 @@ def evaluate(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
         check_state_shapes(path, module.state_dict(), checkpoint["state_dict"])
         module.load_state_dict(checkpoint["state_dict"])
     fit_caption_length(datamodule, module)  # a dataset from the command line may ask for longer captions
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    trainer = build_trainer(cfg.trainer, logger=False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
     if trainer.is_global_zero:
