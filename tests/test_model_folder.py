@@ -3,6 +3,7 @@ and ``laps-train model.init_from=DIR``."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -142,3 +143,35 @@ def test_init_from_what_is_not_a_folder_is_one_line(make_cfg, tmp_path: Path, ca
         target.write_bytes(b"not a folder")
     with pytest.raises((FileNotFoundError, ValueError), match=match):
         train(make_cfg([*CPU_FAST, f"model.init_from={target}"], name="bad_init"))
+
+
+def test_eval_of_a_list_of_checkpoints_scores_the_mean_of_their_matrices(trained, make_cfg, tmp_path: Path) -> None:
+    """``laps-eval ckpt_path=[A,B]``: each model's matrix is saved in members/<i>/, and metrics.json
+    holds the figures of their mean, computed here from the two matrices."""
+    from laps.compat.serialization import safe_load
+    from laps.data.splits import SplitIndex, read_split_ids
+    from laps.evaluation import protocol_metrics
+    from laps.training.saved_sims import load_sims
+
+    ckpt, _ = trained
+    state = safe_load(ckpt)
+    g = torch.Generator().manual_seed(0)
+    for name, tensor in state["state_dict"].items():  # a second, different model of the same shape
+        if tensor.is_floating_point():
+            state["state_dict"][name] = tensor + 0.05 * tensor.std().nan_to_num() * torch.randn(tensor.shape, generator=g)
+    other = tmp_path / "other.ckpt"
+    torch.save(state, other)
+    cfg = make_cfg(["trainer=cpu", f"ckpt_path=[{ckpt},{other}]"], name="eval_ensemble", config_name="eval")
+    metrics = evaluate(cfg)
+    out = Path(cfg.paths.output_dir)
+    mats = [load_sims(out / "members" / str(i) / "sims_test.pt") for i in range(2)]
+    assert not torch.equal(mats[0].sims, mats[1].sims)
+    root = Path(cfg.paths.data_dir) / "synthetic"
+    index = SplitIndex.from_ids(read_split_ids(root, "test"))
+    want = protocol_metrics((mats[0].sims + mats[1].sims) / 2, index.caption_image_tensor(), "f30k", "test")
+    assert metrics.keys() == want.keys()
+    for key, value in want.items():
+        assert metrics[key] == pytest.approx(float(value), abs=1e-4), key
+    singles = [json.loads((out / "members" / str(i) / "metrics.json").read_text()) for i in range(2)]
+    assert all(s.keys() == metrics.keys() for s in singles)
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)

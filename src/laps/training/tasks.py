@@ -6,6 +6,7 @@ writes ``metrics.json`` in the run directory (rank zero); the command prints the
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import re
@@ -403,13 +404,26 @@ def _seeded_datamodule(cfg: DictConfig, run_cfg: DictConfig) -> L.LightningDataM
 
 def evaluate(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
     """Rebuild the model of ``ckpt_path`` (a checkpoint, or a model folder written by ``laps-export``),
-    test it, return the ``test/...`` metrics; with ``sims`` evaluate saved matrices instead."""
-    from laps.compat.serialization import check_state_shapes, safe_load
-
+    test it, return the ``test/...`` metrics; a list of them: their ensemble (:func:`evaluate_ensemble`);
+    with ``sims`` evaluate saved matrices instead."""
     if cfg.get("sims"):
         return evaluate_sims(cfg, report)
     if OmegaConf.select(cfg, "ckpt_path") is None:
         raise ValueError("laps-eval needs ckpt_path=... (a checkpoint or an exported folder) or sims=...")
+    if OmegaConf.is_list(cfg.ckpt_path):
+        return evaluate_ensemble(cfg, report)
+    metrics, datamodule, is_zero = _test_model(cfg)
+    if is_zero:
+        if report is not None:
+            report(metrics, _test_title(datamodule))
+        write_metrics(metrics, cfg.paths.output_dir)
+    return metrics
+
+
+def _test_model(cfg: DictConfig) -> tuple[dict[str, float], L.LightningDataModule, bool]:
+    """Test the model of ``cfg.ckpt_path``: its ``test/...`` metrics, the data module, whether this is rank zero."""
+    from laps.compat.serialization import check_state_shapes, safe_load
+
     if Path(str(cfg.ckpt_path)).is_dir():
         folder = Path(str(cfg.ckpt_path))
         run_cfg = folder_config(cfg, folder)
@@ -427,10 +441,37 @@ def evaluate(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
     trainer = build_trainer(cfg.trainer, logger=False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
-    if trainer.is_global_zero:
-        if report is not None:
-            report(metrics, _test_title(datamodule))
-        write_metrics(metrics, cfg.paths.output_dir)
+    return metrics, datamodule, trainer.is_global_zero
+
+
+def evaluate_ensemble(cfg: DictConfig, report: Report | None = None) -> dict[str, float]:
+    """``ckpt_path=[A,B,...]``: each checkpoint (or model folder) is tested with its similarity matrix
+    saved in ``members/<i>/`` of the run folder (its own ``metrics.json`` beside it), then the mean of
+    the matrices is evaluated under the test split's protocols (``test/...``, as ``sims=[...]``)."""
+    from laps.training.saved_sims import evaluate_saved
+
+    members = [str(p) for p in cfg.ckpt_path]
+    if not members:
+        raise ValueError("ckpt_path=[]: name the checkpoints (or model folders) to ensemble")
+    saved, datamodule, is_zero = [], None, True
+    for i, ckpt in enumerate(members):
+        member = copy.deepcopy(cfg)
+        with open_dict(member):
+            member.ckpt_path, member.save_sims = ckpt, True
+            member.paths.output_dir = str(Path(cfg.paths.output_dir) / "members" / str(i))
+        Path(member.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        log.info("ensemble member %d of %d: %s", i + 1, len(members), ckpt)
+        metrics, datamodule, is_zero = _test_model(member)
+        if is_zero:
+            write_metrics(metrics, member.paths.output_dir)
+        saved.append(Path(member.paths.output_dir) / "sims_test.pt")
+    if not is_zero:  # rank zero saved the matrices and evaluates their mean
+        return {}
+    dm = datamodule
+    metrics = evaluate_saved(saved, dm.root, dm.splits["test"], dm.protocol, dm.name, dm.eccv)
+    if report is not None:
+        report(metrics, f"{_test_title(datamodule)}, the mean of {len(members)} models")
+    write_metrics(metrics, cfg.paths.output_dir)
     return metrics
 
 
