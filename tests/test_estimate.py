@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 import subprocess
 import sys
@@ -40,10 +42,46 @@ def _cfg(make_cfg, overrides: list[str]):
     return make_cfg(["dataset.batch_size=4", "estimate.caption_length=12", *overrides], config_name="estimate")
 
 
-def test_max_batch_bisects_to_the_largest_fitting_batch() -> None:
+def test_max_batch_finds_the_largest_fitting_batch() -> None:
     found = max_batch(lambda b: float(b), limit=37.5, start=8)
     assert found["max_batch"] == 37 and found["monotone"]
     assert found["tried"][37] <= 37.5 < found["tried"][38]
+
+
+@pytest.mark.parametrize("peak", [
+    lambda b: 1.5 + 0.082 * b,                     # the shape measured for ViT-B/16 (docs/benchmarks.md)
+    lambda b: 2.0 + 0.1 * b - 2e-5 * b * b,        # concave
+    lambda b: 0.5 + 1e-4 * b * b,                  # convex
+    lambda b: float(b // 50),                      # steps: the secant is no help, bisection takes over
+    lambda b: 3.0 * math.sqrt(b),
+])
+@pytest.mark.parametrize("limit", [5.0, 20.1, 70.5])
+def test_max_batch_is_the_brute_force_answer_in_few_simulations(peak, limit: float) -> None:
+    calls: list[int] = []
+
+    def fits(b: int) -> float:
+        calls.append(b)
+        return peak(b)
+
+    found = max_batch(fits, limit, start=64, ceiling=4096)
+    want = max((b for b in range(2, 4097) if peak(b) <= limit), default=0)
+    assert found["max_batch"] == want and found["monotone"]
+    assert len(calls) == len(set(calls)) <= 16  # never the same batch twice; bisection alone: about 20
+
+
+def test_max_batch_of_a_nearly_linear_peak_takes_a_few_simulations() -> None:
+    calls: list[int] = []
+
+    def peak(b: int) -> float:
+        return 3.0 + 0.08 * b + 2e-6 * b * b
+
+    def fits(b: int) -> float:
+        calls.append(b)
+        return peak(b)
+
+    found = max_batch(fits, 70.5, start=64, known={64: peak(64)})
+    assert peak(found["max_batch"]) <= 70.5 < peak(found["max_batch"] + 1)
+    assert len(calls) <= 4  # 128, a batch past the limit, then the limit's two sides
 
 
 def test_max_batch_never_shrinks_with_more_memory() -> None:
