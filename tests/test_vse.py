@@ -257,3 +257,18 @@ def test_estimate(make_cfg, pooling: str) -> None:
                     f"model.pooling={pooling}"], config_name="estimate")
     result = estimate(cfg)
     assert result
+
+
+def test_visualize_refuses(vse_folder: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from laps.cli.visualize import main
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(image)
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(vse_folder), "--image", str(image), "--caption", "a red square", "--out",
+              str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "laps-visualize" in err[0] and "model=vse" in err[0] and "selects no patches" in err[0]
+    assert not (tmp_path / "out").exists()
