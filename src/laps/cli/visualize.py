@@ -163,7 +163,8 @@ def visualize(
         raise ValueError("give at least one --caption")
     engine = load_for_inference(ckpt, device=device, tokenizer=tokenizer)
     head = engine.head
-    if not isinstance(head, LAPSHead):
+    selects = isinstance(head, LAPSHead)  # a model=vse head pools: there is no selection to draw
+    if not selects:
         raise ValueError(f"laps-visualize draws the LAPS head's patch selection, and this {type(engine.model).__name__} "
                          f"(model=vse, pooling={getattr(head, 'pooling', None)!r}) selects no patches")
     side = patch_grid(head.num_patches)
