@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from laps.metrics import coco_1k_metrics, retrieval_metrics
 from laps.models.head import LAPSHead
+from laps.models.vse import PoolingHead
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ PROTOCOLS = ("f30k", "coco")
 
 @torch.no_grad()
 def score_matrix(
-    head: LAPSHead,
+    head: LAPSHead | PoolingHead,
     img_embs: Tensor,
     cap_embs: Tensor,
     cap_lens: Tensor,
@@ -33,16 +34,18 @@ def score_matrix(
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """LAPS similarities ``(N_img, N_cap)`` (fp32, on the CPU) of every image with every caption.
+    """The head's similarities ``(N_img, N_cap)`` (fp32, on the CPU) of every image with every caption.
 
     Args:
         img_embs: ``(N_img, L_v, C)``; cap_embs: ``(N_cap, L_t, C)``; cap_lens: ``(N_cap,)``.
         image_block: images scored per step (the head chunks captions inside a step). Each step's
-            images are cast to the head's dtype, so ``img_embs`` may be stored in float16.
-        device: where to compute (default: the head's device).
+            images are cast to the head's dtype (fp32 for a head without parameters, such as mean
+            pooling), so ``img_embs`` may be stored in float16.
+        device: where to compute (default: the head's device; the captions' for a head without parameters).
     """
-    param = next(head.parameters())
-    device = torch.device(device) if device is not None else param.device
+    param = next(head.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = torch.device(device) if device is not None else param.device if param is not None else cap_embs.device
     distributed = dist.is_available() and dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     n_img, n_cap = img_embs.shape[0], cap_embs.shape[0]
@@ -51,7 +54,7 @@ def score_matrix(
     starts = list(range(0, n_img, image_block))[rank::world]
     bar = tqdm(starts, desc="Scoring pairs", unit="block", disable=not progress or rank != 0, leave=False)
     for start in bar:
-        block = img_embs[start : start + image_block].to(device=device, dtype=param.dtype)
+        block = img_embs[start : start + image_block].to(device=device, dtype=dtype)
         sims, _ = head.score_prepared(head.prepare_images(block), caption)
         out[start : start + block.shape[0]] = sims.float().cpu()
     if world > 1:

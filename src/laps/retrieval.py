@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from laps.inference import synchronize
-from laps.models.head import PreparedImages
+from laps.models.head import LAPSHead, PreparedImages
 from laps.models.pooling import pool_image, pool_text
 from laps.training.checkpointing import atomic_torch_save
 
@@ -300,7 +300,8 @@ def search(
 ) -> tuple[list[QueryResult], SearchStats]:
     """Rank the index's images for every query.
 
-    Without ``rerank``: LAPS scores of every (image, query) pair, ``block`` images at a time. With
+    Without ``rerank``: the head's scores of every (image, query) pair, ``block`` images at a time
+    (a ``model=vse`` model: the cosine of its pooled vectors; it refuses ``rerank``). With
     ``rerank=K``: cosine similarity of the pooled embeddings for every pair (``prerank``: the image's
     mean token, or its [CLS] token, or ``auto``, see :func:`resolve_prerank`; against the mean of
     the query's words), then LAPS scores of each query's top ``K`` only. Returns the top ``top_k``
@@ -312,6 +313,9 @@ def search(
         raise ValueError("give at least one query")
     if top_k < 1 or block < 1 or (rerank is not None and rerank < 1):
         raise ValueError("--top-k, --rerank and --block must be positive")
+    if rerank is not None and not isinstance(engine.head, LAPSHead):
+        raise ValueError(f"--rerank re-scores with the LAPS head, and this {type(engine.model).__name__} (model=vse) "
+                         "has none: it is one stage already (a pooled cosine); search without --rerank")
     if check_model and index.get("fingerprint") != engine.fingerprint():
         raise ValueError(
             "the index was made with another vision encoder than this checkpoint's: "

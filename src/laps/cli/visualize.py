@@ -157,11 +157,16 @@ def visualize(
     from laps.data.datasets import open_image
     from laps.inference import load_for_inference
     from laps.models.explain import explain_pair
+    from laps.models.head import LAPSHead
 
     if not captions:
         raise ValueError("give at least one --caption")
     engine = load_for_inference(ckpt, device=device, tokenizer=tokenizer)
     head = engine.head
+    selects = isinstance(head, LAPSHead)  # a model=vse head pools: there is no selection to draw
+    if not selects:
+        raise ValueError(f"laps-visualize draws the LAPS head's patch selection, and this {type(engine.model).__name__} "
+                         f"(model=vse, pooling={getattr(head, 'pooling', None)!r}) selects no patches")
     side = patch_grid(head.num_patches)
     picture = open_image(image)
     img_embs = engine.encode_images([picture])

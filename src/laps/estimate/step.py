@@ -21,6 +21,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
 
 from laps.estimate.fake import cpu_autocast, cuda_autocast, fake_module_, gpu_attention, new_fake_mode
+from laps.models.head import LAPSHead
 from laps.models.head.plan import HeadPlan
 
 TOTAL = "Total"
@@ -120,18 +121,25 @@ def init_optimizer_state(module, optimizer: torch.optim.Optimizer) -> None:
 def _step_settings(module, shape: StepShape, lengths: torch.Tensor) -> Iterator[None]:
     """The module set up for a step of ``shape``, restored after."""
     head, hparams = module.net.head, module.hparams
-    saved = (module.gather_batch, head.declared_gradients, head.feedback.sparse, hparams.vse_mean_warmup_epochs)
+    # A LAPS head's backward reads which pairs carry a gradient; a pooling head's (model=vse) is
+    # one GEMM whatever they are: it needs no declared pattern.
+    laps_head = isinstance(head, LAPSHead)
+    saved = (module.gather_batch, hparams.vse_mean_warmup_epochs)
+    saved_head = (head.declared_gradients, head.feedback.sparse) if laps_head else None
     module.gather_batch = simulated_gather(shape.world_size, lengths)
-    head.declared_gradients = gradient_pattern(shape.global_batch, shape.hardest)
-    # the steady state: after a hardest-negative backward the forward keeps no intermediates
-    head.feedback.sparse = shape.hardest
+    if laps_head:
+        head.declared_gradients = gradient_pattern(shape.global_batch, shape.hardest)
+        # the steady state: after a hardest-negative backward the forward keeps no intermediates
+        head.feedback.sparse = shape.hardest
     hparams.vse_mean_warmup_epochs = 0 if shape.hardest else 10**9
     try:
         with warnings.catch_warnings():  # self.log() without a Trainer: a warning, nothing logged
             warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
             yield
     finally:
-        module.gather_batch, head.declared_gradients, head.feedback.sparse, hparams.vse_mean_warmup_epochs = saved
+        module.gather_batch, hparams.vse_mean_warmup_epochs = saved
+        if laps_head:
+            head.declared_gradients, head.feedback.sparse = saved_head
 
 
 def simulate_step(
@@ -218,7 +226,8 @@ class Simulator:
     def __init__(self, module, plan: HeadPlan, cuda: bool, clip_norm: float | None = None) -> None:
         self.mode = new_fake_mode()
         self.clip_norm = clip_norm
-        module.net.head.plan = plan
+        if isinstance(module.net.head, LAPSHead):  # a pooling head (model=vse) has no blocks to plan
+            module.net.head.plan = plan
         self.cuda_module = fake_module_(copy.deepcopy(module), self.mode, "cuda") if cuda else None
         self.module = fake_module_(module, self.mode, "cpu")
         configured = module.configure_optimizers()

@@ -1,4 +1,5 @@
-"""``create_model``: the one way to build a :class:`LAPSModel`, from a backbone name or from encoders."""
+"""``create_model``: the one way to build a model (a :class:`LAPSModel`, or the global-embedding
+baseline :class:`~laps.models.vse.VSEModel`), from a backbone name or from encoders."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from typing import Any
 from laps.models.backbones import BackboneSpec, get_backbone
 from laps.models.encoders import HFVisionEncoder, TextEncoder, TimmVisionEncoder, VisionEncoder
 from laps.models.laps_model import LAPSModel
+from laps.models.vse import POOLINGS, VSEModel
+
+KINDS = ("laps", "vse")
+LAPS_HEAD_OPTIONS = ("chunk_pairs", "selection", "attention_weight", "gumbel_tau")
 
 
 def create_vision_encoder(
@@ -57,9 +62,12 @@ def create_model(
     vocab_size: int | None = None,
     sparse_ratio: float | None = None,
     aggr_ratio: float | None = None,
+    kind: str = "laps",
+    pooling: str | None = None,
     **head_options: Any,
-) -> LAPSModel:
-    """A :class:`LAPSModel` from a registered backbone (:mod:`laps.models.backbones`) or given encoders.
+) -> LAPSModel | VSEModel:
+    """A :class:`LAPSModel` (``kind="laps"``) or :class:`~laps.models.vse.VSEModel` (``kind="vse"``)
+    from a registered backbone (:mod:`laps.models.backbones`) or given encoders.
 
     Args:
         backbone: a registry name (``vit``, ``swin``, ``tiny``, ...) or spec; the encoders not given
@@ -68,10 +76,25 @@ def create_model(
         embed_size, pretrained: replace the spec's.
         vision_overrides, text_overrides: encoder config fields (smaller widths for tests, ...).
         vocab_size: the text encoder's vocabulary for a random init.
-        sparse_ratio, aggr_ratio: the head's ratios; default the backbone's official ones.
+        sparse_ratio, aggr_ratio: the head's ratios; default the backbone's official ones (unused by ``vse``).
+        kind: ``laps`` (the slimming head) or ``vse`` (cosine of pooled vectors).
+        pooling: ``vse`` only: ``mean`` (the default) or ``gpo``.
         head_options: the rest of :class:`LAPSModel`'s options (``chunk_pairs``, ``selection``,
-            ``attention_weight``, ``gumbel_tau``).
+            ``attention_weight``, ``gumbel_tau``); ``vse`` has no patch selection, so it refuses a
+            ``selection`` other than ``topk`` and does not use the others.
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} (model.net.kind), got {kind!r}")
+    if pooling is not None and pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS} (model.pooling), got {pooling!r}")
+    if kind == "laps" and pooling is not None:
+        raise ValueError(f"pooling={pooling!r} is an option of kind='vse' (model=vse), not of the LAPS head")
+    unknown = sorted(set(head_options) - set(LAPS_HEAD_OPTIONS))
+    if unknown:
+        raise TypeError(f"create_model got unexpected options {unknown}")
+    if kind == "vse" and head_options.get("selection", "topk") != "topk":
+        raise ValueError(f"model.selection={head_options['selection']!r} selects patches for the LAPS head: "
+                         "model=vse has no patch selection")
     spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
     if spec is None and (vision is None or text is None):
         raise ValueError("create_model needs a backbone name, or both the vision and the text encoder")
@@ -79,6 +102,8 @@ def create_model(
         vision = create_vision_encoder(spec, embed_size, pretrained, vision_overrides)
     if text is None:
         text = create_text_encoder(spec, embed_size, pretrained, text_overrides, vocab_size)
+    if kind == "vse":
+        return VSEModel(vision, text, pooling=pooling or "mean")
     if sparse_ratio is None or aggr_ratio is None:
         if spec is None:
             raise ValueError("create_model needs sparse_ratio and aggr_ratio when no backbone is named")

@@ -1,12 +1,15 @@
-"""The Hugging Face folder format of a :class:`~laps.models.LAPSModel`: ``save_pretrained``,
-``from_pretrained`` and ``push_to_hub`` through ``huggingface_hub``'s ``ModelHubMixin``.
+"""The Hugging Face folder format of a :class:`~laps.models.LAPSModel` (or of the baseline
+:class:`~laps.models.vse.VSEModel`): ``save_pretrained``, ``from_pretrained`` and ``push_to_hub``
+through ``huggingface_hub``'s ``ModelHubMixin``.
 
 A folder holds ``config.json`` (everything needed to rebuild the model without Hydra or
 Lightning), ``model.safetensors`` (the weights only), ``vision/config.json`` and
 ``text/config.json`` (the transformers configs of the encoders; a timm vision encoder is named by
 its model name and keywords instead), and the model card ``README.md``. Nothing in it is a pickle
 and nothing in it is executed: loading is strict (a missing, extra or wrongly shaped tensor is
-refused by name) and reads safetensors only.
+refused by name) and reads safetensors only. ``config.json``'s ``kind`` (``laps``, the default of
+folders written before it existed, or ``vse``) names the model, ``head`` its head's options
+(``pooling`` for ``vse``): ``from_pretrained`` of either class returns the folder's.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 VISION_KINDS = ("hf", "timm")
+MODEL_KINDS = ("laps", "vse")
 
 
 class PretrainedFormatError(ValueError):
@@ -33,8 +37,9 @@ class PretrainedFormatError(ValueError):
 
 
 def model_config(model: Any) -> dict[str, Any]:
-    """The ``config.json`` content of ``model`` (a :class:`LAPSModel`)."""
+    """The ``config.json`` content of ``model`` (a :class:`LAPSModel` or a :class:`VSEModel`)."""
     from laps.models.encoders import HFVisionEncoder, TimmVisionEncoder
+    from laps.models.vse import VSEModel
 
     vision, head = model.vision, model.head
     if isinstance(vision, HFVisionEncoder):
@@ -45,15 +50,21 @@ def model_config(model: Any) -> dict[str, Any]:
         raise PretrainedFormatError(f"cannot export a vision encoder of class {type(vision).__name__}")
     vision_cfg.update(projection=vision.projection, image_size=int(vision.image_size),
                       num_patches=int(vision.num_patches), has_cls=bool(vision.has_cls))
+    if isinstance(model, VSEModel):
+        kind, head_cfg = "vse", {"pooling": head.pooling}
+    else:
+        kind, head_cfg = "laps", {
+            "sparse_ratio": head.sparse_ratio, "aggr_ratio": head.aggr_ratio, "chunk_pairs": head.chunk_pairs,
+            "selection": head.selection, "attention_weight": head.attention_weight, "gumbel_tau": head.gumbel_tau,
+        }
     return {
         "laps_format_version": FORMAT_VERSION,
+        "kind": kind,
         "embed_size": int(model.embed_size),
         "vision": vision_cfg,
         "text": {"config": "text/config.json", "projection": model.text.projection,
                  "vocab_size": int(model.text.backbone.config.vocab_size)},
-        "head": {"sparse_ratio": head.sparse_ratio, "aggr_ratio": head.aggr_ratio, "chunk_pairs": head.chunk_pairs,
-                 "selection": head.selection, "attention_weight": head.attention_weight,
-                 "gumbel_tau": head.gumbel_tau},
+        "head": head_cfg,
     }
 
 
@@ -146,11 +157,14 @@ def read_config(folder: Path) -> dict[str, Any]:
     kind = config.get("vision", {}).get("kind")
     if kind not in VISION_KINDS:
         raise PretrainedFormatError(f"{path}: vision.kind {kind!r} is not one of {VISION_KINDS}")
+    model_kind = config.get("kind", "laps")
+    if model_kind not in MODEL_KINDS:
+        raise PretrainedFormatError(f"{path}: kind {model_kind!r} is not one of {MODEL_KINDS}")
     return config
 
 
 def build_from_config(folder: Path, config: dict[str, Any]):
-    """A randomly initialised :class:`LAPSModel` of the architecture ``config`` describes (no download)."""
+    """A randomly initialised model (``config``'s ``kind``) of the architecture it describes (no download)."""
     from laps.models.encoders import HFVisionEncoder, TextEncoder, TimmVisionEncoder
     from laps.models.factory import create_model
 
@@ -162,11 +176,12 @@ def build_from_config(folder: Path, config: dict[str, Any]):
                                    projection=vis["projection"])
     text = TextEncoder(str(folder / txt["config"]), embed, pretrained=False, projection=txt["projection"],
                        vocab_size=int(txt["vocab_size"]))
-    return create_model(vision=vision, text=text, **config["head"])
+    return create_model(vision=vision, text=text, kind=config.get("kind", "laps"), **config["head"])
 
 
 def load_folder(folder: str | Path, device: Any = None, dtype: Any = None):
-    """The :class:`LAPSModel` saved in ``folder``, in eval mode, its weights loaded strictly."""
+    """The model saved in ``folder`` (a :class:`LAPSModel` or a :class:`VSEModel`, as its ``config.json``
+    says), in eval mode, its weights loaded strictly."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

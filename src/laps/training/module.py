@@ -25,8 +25,9 @@ from laps.losses import (
     pad_to,
     ratio_loss,
 )
-from laps.models import LAPSModel
+from laps.models import LAPSHead, LAPSModel
 from laps.models.pooling import pooled_similarity
+from laps.models.vse import VSEModel
 from laps.training.checkpointing import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class LAPSLitModule(LightningModule):
     """Trains LAPS with the hinge loss on the global batch; validates and tests by full retrieval.
 
     Args:
-        net: the model (encoders and head).
+        net: the model (encoders and head): a :class:`LAPSModel`, or a :class:`VSEModel` (``model=vse``,
+            the global-embedding baseline: no keep mask, so no ratio loss).
         optimizer: a partial optimizer taking parameter groups (``_partial_: true`` in Hydra).
         scheduler: a partial epoch-level scheduler taking the optimizer, or ``None``.
         backbone_lr_mult: learning-rate factor of the vision and text backbones (0.1 officially).
@@ -52,7 +54,8 @@ class LAPSLitModule(LightningModule):
         ratio_weight: weight of the ratio loss.
         pooled_weight: weight of a hinge loss (same margin and negatives) on the cosine of pooled
             vectors (:mod:`laps.models.pooling`), beside the LAPS loss; 0 (the official recipe)
-            leaves it out. It trains the first stage of ``laps-retrieve --rerank``.
+            leaves it out. It trains the first stage of ``laps-retrieve --rerank``. A :class:`VSEModel`
+            ignores it, with a warning: its similarity is a pooled cosine already.
         vse_mean_warmup_epochs: hardest negatives from this epoch on (sum over negatives before).
         embedding_warmup_epochs: the epoch in which the contrastive term ramps up from 0 to 1.
         max_nonfinite_steps: consecutive skipped steps (NaN/Inf loss or gradient) before stopping.
@@ -63,12 +66,15 @@ class LAPSLitModule(LightningModule):
         init_from: an exported model folder (or hub id) whose weights start the fit; recorded with the
             hyper-parameters here, loaded by :func:`laps.training.tasks.train` before fitting.
         selection, attention_weight, gumbel_tau: the head's patch selection (``model.selection``);
-            the head is built with them (``net``), they are recorded here and checked to agree.
+            the head is built with them (``net``), they are recorded here and checked to agree
+            (a LAPS head only).
+        pooling: a :class:`VSEModel`'s pooling (``model.pooling``), recorded and, when given, checked
+            to agree with its head's.
     """
 
     def __init__(
         self,
-        net: LAPSModel,
+        net: LAPSModel | VSEModel,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         backbone_lr_mult: float = 0.1,
@@ -85,17 +91,29 @@ class LAPSLitModule(LightningModule):
         selection: str = "topk",
         attention_weight: float = 0.8,
         gumbel_tau: float = 1.0,
+        pooling: str | None = None,
     ) -> None:
         super().__init__()
         if not pooled_weight >= 0:
             raise ValueError(f"model.pooled_weight must be >= 0, got {pooled_weight}")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         head = net.head
-        if (head.selection, head.attention_weight, head.gumbel_tau) != (selection, attention_weight, gumbel_tau):
+        laps_head = isinstance(head, LAPSHead)
+        if laps_head and (head.selection, head.attention_weight, head.gumbel_tau) != (
+            selection, attention_weight, gumbel_tau
+        ):
             raise ValueError(
                 f"model.selection={selection!r} (attention_weight={attention_weight}, gumbel_tau={gumbel_tau}) "
                 f"disagrees with the head's {head.selection!r}: set them through model.selection, not model.net"
             )
+        if not laps_head and pooling is not None and getattr(head, "pooling", None) != pooling:
+            raise ValueError(f"model.pooling={pooling!r} disagrees with the head's {getattr(head, 'pooling', None)!r}: "
+                             "set it through model.pooling, not model.net")
+        # the weight of the pooled loss in training: a vse model's main loss is that loss already
+        self.pooled_weight = float(pooled_weight) if laps_head else 0.0
+        if pooled_weight > 0 and not laps_head:
+            log.warning("model.pooled_weight=%s is ignored: a %s scores pooled vectors already",
+                        pooled_weight, type(net).__name__)
         self.net = net
         if gradient_checkpointing:
             net.set_gradient_checkpointing(True)
@@ -138,19 +156,21 @@ class LAPSLitModule(LightningModule):
         sims, mask = self.net.head.similarity(img, cap, lens, return_mask=True)
         hardest = self.max_violation()
         contrastive = contrastive_loss(sims, ids, self.hparams.margin, hardest)
-        ratio = ratio_loss(mask, self.net.head.sparse_ratio)
         alpha = self.warmup_alpha(batch_idx)
-        loss = alpha * contrastive + self.hparams.ratio_weight * ratio
+        loss = alpha * contrastive
         bs = batch["images"].shape[0]
-        if self.hparams.pooled_weight > 0:
+        if mask is not None:  # a head without patch selection (vse) has no ratio to keep
+            ratio = ratio_loss(mask, self.net.head.sparse_ratio)
+            loss = loss + self.hparams.ratio_weight * ratio
+            self.log("train/ratio_loss", ratio, batch_size=bs)
+        if self.pooled_weight > 0:
             pooled = contrastive_loss(pooled_similarity(img, cap, lens), ids, self.hparams.margin, hardest)
-            loss = loss + alpha * self.hparams.pooled_weight * pooled
+            loss = loss + alpha * self.pooled_weight * pooled
             self.log("train/pooled_loss", pooled, batch_size=bs)
         # The bar shows the hinge loss itself: train/loss is scaled by the warm-up factor, so it
         # rises through the warm-up epoch while the model improves.
         self.log("train/loss", loss, batch_size=bs)
         self.log("train/contrastive", contrastive, prog_bar=True, batch_size=bs)
-        self.log("train/ratio_loss", ratio, batch_size=bs)
         self.log("train/max_violation", float(hardest), batch_size=bs)
         return loss
 

@@ -388,7 +388,7 @@ def folder_module(run_cfg: DictConfig, folder: Path, vocab_size: int) -> L.Light
     head = net.head
     module = LAPSLitModule(
         net, optimizer=torch.optim.AdamW,  # never stepped: the module only tests
-        selection=head.selection, attention_weight=head.attention_weight, gumbel_tau=head.gumbel_tau,
+        **{k: getattr(head, k) for k in ("selection", "attention_weight", "gumbel_tau", "pooling") if hasattr(head, k)},
         **OmegaConf.to_container(run_cfg.model, resolve=True),
     )
     module.config_snapshot = OmegaConf.to_container(run_cfg, resolve=True)
