@@ -250,13 +250,15 @@ def test_retrieve_searches_and_refuses_rerank(vse_folder: Path, vse_run, tmp_pat
 
 
 @pytest.mark.parametrize("pooling", ["mean", "gpo"])
-def test_estimate(make_cfg, pooling: str) -> None:
+def test_estimate_counts_a_vse_step(make_cfg, pooling: str) -> None:
     from laps.estimate.run import estimate
 
     cfg = make_cfg(["dataset.batch_size=4", "estimate.caption_length=12", "backbone=tiny", "model=vse",
                     f"model.pooling={pooling}"], config_name="estimate")
     result = estimate(cfg)
-    assert result
+    assert result["peak_gib"] > result["params_gib"] + result["optimizer_gib"] > 0  # activations on top
+    assert result["activations_gib"] > 0 and result["flops_per_pair"] > 0
+    assert result["batch_size"] == 4 and result["caption_length"] == 12
 
 
 def test_visualize_refuses(vse_folder: Path, tmp_path: Path, capsys) -> None:
