@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,26 +48,49 @@ def _cmd(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
 
 
 def _start(run_dir: Path, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The run, its logs and errors in ``<run_dir>.out``: a file, not a pipe, so that a child left behind
+    (a DDP run's rank 1) cannot keep the test waiting once the run itself has exited."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(_cmd(run_dir, data_dir, *extra), env=env or _env(), cwd=run_dir.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,  # logs and errors
-                            start_new_session=True)  # a DDP run's rank 1 is its child: killed with it
+    out = run_dir.parent / f"{run_dir.name}.out"
+    with open(out, "a") as log:
+        proc = subprocess.Popen(_cmd(run_dir, data_dir, *extra), env=env or _env(), cwd=run_dir.parent,
+                                stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # its children (rank 1) in its process group
+    proc.out_path, proc.out_start = out, out.stat().st_size  # type: ignore[attr-defined]
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    with open(proc.out_path) as f:  # type: ignore[attr-defined]
+        f.seek(proc.out_start)  # type: ignore[attr-defined]
+        return f.read()
 
 
 def _finish(procs: dict[str, subprocess.Popen], timeout: float = 600) -> dict[str, tuple[int, str]]:
     """Every process's exit status and output; a process still running after ``timeout`` seconds (a
-    hang) is killed with its children and fails the test."""
+    hang) fails the test. Whatever a run left behind is killed with its process group."""
     out, deadline = {}, time.monotonic() + timeout
-    for name, proc in procs.items():
-        try:
-            output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for other in procs.values():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(other.pid, signal.SIGKILL)
-            pytest.fail(f"{name}: still running after {timeout:.0f} s (a hang?)")
-        out[name] = (proc.returncode, output)
+    try:
+        for name, proc in procs.items():
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name}: still running after {timeout:.0f} s (a hang?): {_output(proc)[-3000:]}")
+            out[name] = (proc.returncode, _output(proc))
+    finally:
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
     return out
+
+
+def _free_ports(n: int) -> list[str]:
+    """``n`` distinct ports free now (all held open until the last is found)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [str(s.getsockname()[1]) for s in socks]
 
 
 def _step(run_dir: Path) -> int:
@@ -198,11 +222,11 @@ def test_external_sigterm_exits_75_with_a_checkpoint_of_that_step(data_dir: Path
     proc = _start(run_dir, data_dir, "trainer.max_epochs=20", "callbacks.last_checkpoint.every_n_train_steps=1")
     ckpt, deadline = run_dir / "checkpoints" / "last.ckpt", time.monotonic() + 300
     while not ckpt.is_file():  # training has started
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        assert proc.poll() is None and time.monotonic() < deadline, _output(proc)[-3000:]
         time.sleep(0.05)
     seen = _step(run_dir)
     proc.send_signal(signal.SIGTERM)
-    err, _ = proc.communicate(timeout=120)
+    err = _finish({"ext": proc}, timeout=120)["ext"][1]
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     assert _step(run_dir) >= seen and f"at step {_step(run_dir)}" in err
     assert not (run_dir / "metrics.json").exists()
@@ -214,13 +238,16 @@ def test_ddp_signal_to_one_rank_stops_both_after_the_same_step(data_dir: Path, t
     exit 75, rank 0's ``last.ckpt`` holds step 4, and the resumed run ends as the uninterrupted one."""
     ddp = ["trainer=ddp_sim", "dataset.batch_size=4"]  # two ranks of 4: the global batch of 8
     signalled = [SIGNAL, "+callbacks.signal_at.step=3", "+callbacks.signal_at.rank=1"]
-    first = _finish({"full": _start(tmp_path / "full", data_dir, *ddp, "ckpt_path=auto"),
-                     "ddp": _start(tmp_path / "ddp", data_dir, *ddp, *signalled)}, timeout=900)
+    ports = _free_ports(3)  # side by side, each run its own rendezvous (a shared port would mix their ranks)
+    first = _finish({"full": _start(tmp_path / "full", data_dir, *ddp, "ckpt_path=auto", env=_env(MASTER_PORT=ports[0])),
+                     "ddp": _start(tmp_path / "ddp", data_dir, *ddp, *signalled, env=_env(MASTER_PORT=ports[1]))},
+                    timeout=900)
     rc, out = first["ddp"]
     assert rc == PREEMPTED_EXIT_CODE, out[-3000:]
     assert out.count("pre-empted by SIGTERM at step 4") == 2  # each rank stopped after step 3
     assert _step(tmp_path / "ddp") == 4
     assert first["full"][0] == 0, first["full"][1][-3000:]
-    again = _finish({"ddp": _start(tmp_path / "ddp", data_dir, *ddp, "ckpt_path=auto")}, timeout=600)
+    again = _finish({"ddp": _start(tmp_path / "ddp", data_dir, *ddp, "ckpt_path=auto", env=_env(MASTER_PORT=ports[2]))},
+                    timeout=600)
     assert again["ddp"][0] == 0, again["ddp"][1][-3000:]
     _same_run(tmp_path / "ddp", tmp_path / "full")
