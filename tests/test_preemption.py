@@ -238,10 +238,11 @@ def test_ddp_signal_to_one_rank_stops_both_after_the_same_step(data_dir: Path, t
     exit 75, rank 0's ``last.ckpt`` holds step 4, and the resumed run ends as the uninterrupted one."""
     ddp = ["trainer=ddp_sim", "dataset.batch_size=4"]  # two ranks of 4: the global batch of 8
     signalled = [SIGNAL, "+callbacks.signal_at.step=3", "+callbacks.signal_at.rank=1"]
-    ports = _free_ports(3)  # side by side, each run its own rendezvous (a shared port would mix their ranks)
-    first = _finish({"full": _start(tmp_path / "full", data_dir, *ddp, "ckpt_path=auto", env=_env(MASTER_PORT=ports[0])),
-                     "ddp": _start(tmp_path / "ddp", data_dir, *ddp, *signalled, env=_env(MASTER_PORT=ports[1]))},
-                    timeout=900)
+    ports = _free_ports(3)  # one after the other, each with its own rendezvous port
+    first = _finish({"full": _start(tmp_path / "full", data_dir, *ddp, "ckpt_path=auto", env=_env(MASTER_PORT=ports[0]))},
+                    timeout=600)
+    first |= _finish({"ddp": _start(tmp_path / "ddp", data_dir, *ddp, *signalled, env=_env(MASTER_PORT=ports[1]))},
+                     timeout=600)
     rc, out = first["ddp"]
     assert rc == PREEMPTED_EXIT_CODE, out[-3000:]
     assert out.count("pre-empted by SIGTERM at step 4") == 2  # each rank stopped after step 3
