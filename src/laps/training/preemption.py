@@ -154,6 +154,8 @@ class PreemptionHandler(Callback):
         checkpoint = None
         if save is not None:
             checkpoint = self.path
+            # weights_only here is Lightning's save flag (write optimizer and loop states too), not
+            # torch.load's: every read of last.ckpt goes through safe_load (weights_only=True, allow-list).
             if save == "abandon_validation":
                 state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
                 _mark_validation_not_run(state)
