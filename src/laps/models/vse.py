@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from laps.models.dual_encoder import DualEncoder
 from laps.models.encoders import TextEncoder, VisionEncoder
 from laps.models.head.common import host_lengths, precise_dtype
 from laps.models.pooling import pool_image, pool_text
-from laps.models.pretrained import PretrainedMixin
 
 POOLINGS = ("mean", "gpo")
 
@@ -199,7 +199,7 @@ class PoolingHead(nn.Module):
         return self.similarity(img_embs, cap_embs, cap_lens)[0]
 
 
-class VSEModel(nn.Module, PretrainedMixin):
+class VSEModel(DualEncoder):
     """The encoders and a :class:`PoolingHead`: ``encode_image``, ``encode_text`` and ``similarity``
     as :class:`~laps.models.LAPSModel`'s, and the same folder format (``save_pretrained`` /
     ``from_pretrained``; ``config.json`` records ``kind: vse`` and the pooling).
@@ -210,36 +210,5 @@ class VSEModel(nn.Module, PretrainedMixin):
     """
 
     def __init__(self, vision: VisionEncoder, text: TextEncoder, pooling: str = "mean") -> None:
-        super().__init__()
-        if vision.embed_size != text.embed_size:
-            raise ValueError(
-                f"embedding sizes disagree: vision embed_size={vision.embed_size}, text embed_size={text.embed_size}"
-            )
-        self.vision = vision
-        self.text = text
+        super().__init__(vision, text)
         self.head = PoolingHead(vision.embed_size, pooling, num_patches=vision.num_patches, has_cls=vision.has_cls)
-
-    @property
-    def embed_size(self) -> int:
-        return self.vision.embed_size
-
-    def encode_image(self, images: Tensor) -> Tensor:
-        """Images ``(B, 3, H, W)`` -> tokens ``(B, L_v, C)``."""
-        return self.vision(images)
-
-    def encode_text(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
-        """Token ids ``(B, L_t)`` and lengths ``(B,)`` -> word tokens ``(B, L_t, C)``."""
-        return self.text(input_ids, lengths)
-
-    def similarity(self, img_embs: Tensor, cap_embs: Tensor, cap_lens: Tensor) -> Tensor:
-        """Cosines ``(B_v, B_t)`` of the pooled vectors of encoded images and captions."""
-        return self.head.similarity(img_embs, cap_embs, cap_lens)[0]
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Activation checkpointing of both encoders."""
-        self.vision.set_gradient_checkpointing(enabled)
-        self.text.set_gradient_checkpointing(enabled)
-
-    def forward(self, images: Tensor, input_ids: Tensor, lengths: Tensor) -> Tensor:
-        """Encode and score a batch: ``sims`` ``(B_v, B_t)``."""
-        return self.head(self.encode_image(images), self.encode_text(input_ids, lengths), lengths)

@@ -25,9 +25,9 @@ from laps.losses import (
     pad_to,
     ratio_loss,
 )
-from laps.models import LAPSHead, LAPSModel
+from laps.models import LAPSHead
+from laps.models.dual_encoder import DualEncoder
 from laps.models.pooling import pooled_similarity
-from laps.models.vse import VSEModel
 from laps.training.checkpointing import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class LAPSLitModule(LightningModule):
 
     def __init__(
         self,
-        net: LAPSModel | VSEModel,
+        net: DualEncoder,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         backbone_lr_mult: float = 0.1,
