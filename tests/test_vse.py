@@ -60,6 +60,46 @@ def test_gpo_is_permutation_invariant() -> None:
     assert not torch.allclose(gpo(x, lens), x.mean(1), atol=1e-3)  # and it is not a plain mean
 
 
+def _reference_gpo_weights(gpo: GPO, lens: list[int]) -> torch.Tensor:
+    """VSE-infinity's recipe, written the plain way: each set's encoding of ranks ``1 .. n`` through
+    the bidirectional GRU as a packed sequence, the directions averaged, one score per rank, padding
+    masked, softmax at the temperature."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from laps.models.vse import positional_encoding
+
+    n_max = max(lens)
+    pe = torch.zeros(len(lens), n_max, gpo.pe_dim)
+    for b, n in enumerate(lens):
+        pe[b, :n] = positional_encoding(n, gpo.pe_dim)
+    packed = pack_padded_sequence(pe, torch.tensor(lens), batch_first=True, enforce_sorted=False)
+    out, _ = pad_packed_sequence(gpo.gru(packed)[0], batch_first=True, total_length=n_max)
+    h = gpo.hidden
+    scores = gpo.linear((out[..., :h] + out[..., h:]) / 2).squeeze(-1)
+    scores = scores.masked_fill(torch.arange(n_max)[None, :] >= torch.tensor(lens)[:, None], float("-inf"))
+    return torch.softmax(scores / gpo.temperature, dim=1)
+
+
+def test_gpo_weights_and_pooling_match_a_packed_bidirectional_gru() -> None:
+    torch.manual_seed(3)
+    gpo = GPO()
+    with torch.no_grad():
+        for p in gpo.parameters():
+            p.normal_(0, 0.5)  # far from the init, so every weight of both directions matters
+    lens = [9, 3, 9, 1, 6, 4]
+    with torch.no_grad():
+        ref = _reference_gpo_weights(gpo, lens)
+        theta = gpo.weights(lens)
+        assert theta.shape == ref.shape
+        assert torch.allclose(theta, ref, atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(theta[0, :3], ref[1, :3], atol=1e-3)  # the weights do depend on the set size
+        x = torch.randn(len(lens), 9, 5)
+        ordered = torch.stack([
+            F.pad(x[b, :n].sort(dim=0, descending=True).values, (0, 0, 0, 9 - n)) for b, n in enumerate(lens)
+        ])
+        assert torch.allclose(gpo(x, lens), (ordered * ref[..., None]).sum(1), atol=1e-5)
+
+
 def _rank_one_gpo() -> GPO:
     """A GPO whose score is largest at rank 1: the GRU's update gate closed (``z`` ~ 0, no memory),
     its candidate ``tanh(cos(k - 1))`` (the encoding's second coordinate, 1 only at rank 1), scaled up."""
