@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -39,6 +40,30 @@ def _small_backbone(name: str) -> list[str]:
 
 def _cfg(make_cfg, overrides: list[str]):
     return make_cfg(["dataset.batch_size=4", "estimate.caption_length=12", *overrides], config_name="estimate")
+
+
+def test_peak_tracker_keeps_memtrackers_peak() -> None:
+    """``PeakTracker`` drops the per-module peaks only: the same step gives MemTracker's peak, part by part."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from laps.estimate.fake import fake_module_, new_fake_mode
+    from laps.estimate.step import PeakTracker
+
+    peaks = []
+    for tracker_class in (MemTracker, PeakTracker):
+        mode = new_fake_mode()
+        model = fake_module_(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)), mode)
+        optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+        tracker = tracker_class()
+        tracker.track_external(model, optimizer)
+        for tracked in (contextlib.nullcontext(), tracker):  # the second step holds the optimizer's states
+            with mode, tracked:
+                model(torch.empty(512, 64)).square().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        peaks.append(tracker.get_tracker_snapshot("peak"))
+    assert peaks[0] == peaks[1]
+    assert sum(part["Total"] for part in peaks[1].values()) > 512 * 256 * 4  # the hidden activations at least
 
 
 def test_max_batch_finds_the_largest_fitting_batch() -> None:
