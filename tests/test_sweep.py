@@ -40,9 +40,9 @@ def sweep_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sweep_data")
 
 
-def run_sweep(root: Path, data: Path, extra: list[str], timeout: int = 500) -> Path:
+def run_sweep(root: Path, data: Path, extra: list[str], timeout: int = 500, sweep: list[str] = SWEEP) -> Path:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "LAPS_RUN_STAMP": "sweep"}
-    cmd = [*laps_train(), "-m", f"paths.root_dir={root}", f"paths.data_dir={data}", *TINY, *FEW_STEPS, *extra, *SWEEP]
+    cmd = [*laps_train(), "-m", f"paths.root_dir={root}", f"paths.data_dir={data}", *TINY, *FEW_STEPS, *extra, *sweep]
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return root / "logs" / "train" / "multiruns" / "sweep"
@@ -103,6 +103,24 @@ def test_ratio_sweep_ddp_sim(tmp_path: Path, sweep_data: Path) -> None:
     root.mkdir()
     sweep_dir = run_sweep(root, sweep_data, ["trainer=ddp_sim", "logger=[csv,wandb]"])
     check_sweep(root, sweep_dir, ddp=True)
+
+
+@pytest.mark.slow
+def test_model_sweep_compares_laps_with_its_baseline(tmp_path: Path, sweep_data: Path) -> None:
+    """``laps-train -m model=laps,vse``: a LAPS job and a VSE job, each trained and tested, side by side
+    in the summary with their time per epoch."""
+    sweep_dir = run_sweep(tmp_path, sweep_data, ["trainer=cpu"], sweep=["model=laps,vse"])
+    configs = {job: OmegaConf.load(sweep_dir / job / ".hydra" / "config.yaml") for job in ("0", "1")}
+    kinds = {job: OmegaConf.select(c, "model.net.kind", default="laps") for job, c in configs.items()}  # laps: the default
+    assert kinds == {"0": "laps", "1": "vse"}
+    rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
+    assert [(r["model"], r["status"]) for r in rows] == [("laps", "ok"), ("vse", "ok")]
+    for r in rows:
+        written = json.loads((sweep_dir / r["job"] / "metrics.json").read_text())
+        assert {"val/rsum", "test/rsum", "train/epoch_time_s"} <= set(written)
+        assert written["train/epoch_time_s"] > 0
+        assert float(r["test/rsum"]) == pytest.approx(written["test/rsum"])
+        assert float(r["train/epoch_time_s"]) == pytest.approx(written["train/epoch_time_s"])
 
 
 def test_child_argv_runs_one_job() -> None:

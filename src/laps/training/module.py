@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -126,6 +127,7 @@ class LAPSLitModule(LightningModule):
         self.test_metrics: dict[str, float] = {}
         self.skipped_images: set[str] = set()  # this epoch's, this process's
         self.truncated_captions = 0  # this epoch's training captions cut to dataset.max_words
+        self._steps_span: list[float] = []  # this epoch's first step start and last step end (perf_counter)
         self._eval: dict[str, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ training
@@ -177,6 +179,14 @@ class LAPSLitModule(LightningModule):
     def on_train_epoch_start(self) -> None:
         self.skipped_images = set()
         self.truncated_captions = 0
+        self._steps_span = []
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._steps_span:
+            self._steps_span = [time.perf_counter()] * 2
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._steps_span[1] = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
         if self.skipped_images:
@@ -189,6 +199,9 @@ class LAPSLitModule(LightningModule):
         # ranks read disjoint shards of the split: the sum counts every skipped image once
         self.log("train/skipped_images", float(len(self.skipped_images)), sync_dist=True, reduce_fx="sum")
         self.log("train/truncated_captions", float(self.truncated_captions), sync_dist=True, reduce_fx="sum")
+        if self._steps_span:  # the training steps' wall time, validation excluded; the slowest rank's
+            seconds = self._steps_span[1] - self._steps_span[0]
+            self.log("train/epoch_time_s", seconds, sync_dist=True, reduce_fx="max")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are already averaged across ranks here, so every rank takes the same decision.

@@ -225,7 +225,7 @@ def _resume_point(cfg: DictConfig) -> tuple[str | None, dict[str, float] | None]
     return resolve_auto(folder), None
 
 
-def _continue_wandb(logger_cfg: DictConfig | None, folder: str) -> None:
+def continue_wandb(logger_cfg: DictConfig | None, folder: str) -> None:
     """A wandb logger gets the run folder's wandb run id (created on the first run) and ``resume="allow"``."""
     for entry in (logger_cfg or {}).values():
         if isinstance(entry, DictConfig) and str(entry.get("_target_", "")).endswith("WandbLogger"):
@@ -269,7 +269,7 @@ def _fit_and_test(cfg: DictConfig, report: Report | None, ckpt_path: str | None,
         load_initial_weights(module, initial)
     if fitting and is_first_process():
         record_config(cfg, cfg.paths.output_dir)  # what a resubmission with ckpt_path=auto is checked against
-    _continue_wandb(cfg.get("logger"), cfg.paths.output_dir)
+    continue_wandb(cfg.get("logger"), cfg.paths.output_dir)
     loggers = instantiate_list(cfg.get("logger"))
     if any(isinstance(logger, ResumableCSVLogger) for logger in loggers):
         callbacks = [*callbacks, ContinueCSV()]
@@ -285,7 +285,8 @@ def _fit_and_test(cfg: DictConfig, report: Report | None, ckpt_path: str | None,
         check_state_shapes(ckpt, module.state_dict(), saved["state_dict"])
     if fitting:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith("val/") or k == "train/epoch_time_s"}  # the last epoch's
     if fitting and not metrics:  # the checkpoint's fit was complete (the run stopped in its test)
         metrics = last_validation(saved)
     checkpointing = trainer.checkpoint_callback
