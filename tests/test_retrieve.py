@@ -47,12 +47,18 @@ def _image_folder(cfg, dest: Path, n: int = 10) -> Path:
     return dest
 
 
-def test_help() -> None:
-    for args in ([], ["index"], ["search"]):
-        result = subprocess.run([sys.executable, "-m", "laps.cli.retrieve", *args, "--help"], check=False, capture_output=True,
-                                text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-    assert "--rerank" in result.stdout and "--top-k" in result.stdout
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """The command runs as a program; each subcommand has its help (in this process)."""
+    result = subprocess.run([sys.executable, "-m", "laps.cli.retrieve", "--help"], check=False, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "index" in result.stdout and "search" in result.stdout, result.stderr
+    for args in (["index"], ["search"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main([*args, "--help"])
+        assert exited.value.code == 0
+    out = capsys.readouterr().out  # search's
+    assert "--rerank" in out and "--top-k" in out
 
 
 def test_index_is_resumable(tiny_ckpt, tmp_path: Path, monkeypatch) -> None:
