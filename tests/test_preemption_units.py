@@ -105,16 +105,16 @@ def test_the_handler_records_the_first_signal_and_restores_the_previous_handlers
 
 
 def test_a_resumed_run_continues_the_wandb_run_of_its_folder(tmp_path: Path) -> None:
-    from laps.training.tasks import _continue_wandb
+    from laps.training.tasks import continue_wandb
 
     def logger_cfg():
         return OmegaConf.create({"wandb": {"_target_": "lightning.pytorch.loggers.wandb.WandbLogger", "project": "p"},
                                  "csv": {"_target_": "laps.training.csv_logger.ResumableCSVLogger"}})
 
     first, resumed, elsewhere = logger_cfg(), logger_cfg(), logger_cfg()
-    _continue_wandb(first, str(tmp_path / "run"))
-    _continue_wandb(resumed, str(tmp_path / "run"))
-    _continue_wandb(elsewhere, str(tmp_path / "other"))
+    continue_wandb(first, str(tmp_path / "run"))
+    continue_wandb(resumed, str(tmp_path / "run"))
+    continue_wandb(elsewhere, str(tmp_path / "other"))
     assert first.wandb.id and first.wandb.id == resumed.wandb.id != elsewhere.wandb.id
     assert resumed.wandb.resume == "allow" and "id" not in resumed.csv
     assert (tmp_path / "run" / "wandb_id").read_text().strip() == first.wandb.id

@@ -184,6 +184,7 @@ class PreemptionHandler(Callback):
                                 dataloader_idx: int = 0) -> None:
         if trainer.sanity_checking:
             return
+        # one all-reduce a batch: every rank has as many (Lightning's DistributedSampler pads the split)
         received = self._agreed(pl_module)
         if received is not None:
             fitting = trainer.state.fn == "fit"
