@@ -90,8 +90,7 @@ def test_two_node_torchrun_step_has_the_single_process_gradients(data_dir: Path,
     for name, g in want.items():
         for r, got in enumerate(ranks):
             d = got["grads"][name]
-            if float(g.norm()) <= 1e-6 * scale:  # a bias whose gradient is zero exactly
-                assert float((d - g).norm()) <= 1e-6, (name, r)
-            else:
-                assert float((d - g).norm() / g.norm()) <= 1e-5, (name, r)
+            # float32 sums split over two ranks: 1e-5 relative, plus 1e-7 of the largest gradient for
+            # small ones whose terms cancel (a bias at 1e-3 of the scale was off by 1.1e-5 on one CPU)
+            assert float((d - g).norm()) <= 1e-5 * float(g.norm()) + 1e-7 * scale, (name, r)
     assert set(ranks[0]["grads"]) == set(want)

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.common import WALL_TIME_KEYS
 from laps.compat.serialization import safe_load
 from laps.training.preemption import PREEMPTED_EXIT_CODE
 
@@ -111,8 +110,7 @@ def _same_run(got: Path, want: Path) -> None:
     a, b = _metrics(want), _metrics(got)
     assert set(a) == set(b) and "test/rsum" in a
     for key, value in a.items():
-        if key not in WALL_TIME_KEYS:
-            assert b[key] == pytest.approx(value, abs=1e-6), key
+        assert b[key] == pytest.approx(value, abs=1e-6), key
     wa, wb = safe_load(want / "checkpoints" / "last.ckpt"), safe_load(got / "checkpoints" / "last.ckpt")
     assert wa["global_step"] == wb["global_step"] == 2 * STEPS_PER_EPOCH
     for name, tensor in wa["state_dict"].items():

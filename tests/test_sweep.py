@@ -108,7 +108,7 @@ def test_ratio_sweep_ddp_sim(tmp_path: Path, sweep_data: Path) -> None:
 @pytest.mark.slow
 def test_model_sweep_compares_laps_with_its_baseline(tmp_path: Path, sweep_data: Path) -> None:
     """``laps-train -m model=laps,vse``: a LAPS job and a VSE job, each trained and tested, side by side
-    in the summary with their time per epoch."""
+    in the summary; each job's CSV log has its time per epoch."""
     sweep_dir = run_sweep(tmp_path, sweep_data, ["trainer=cpu"], sweep=["model=laps,vse"])
     configs = {job: OmegaConf.load(sweep_dir / job / ".hydra" / "config.yaml") for job in ("0", "1")}
     kinds = {job: OmegaConf.select(c, "model.net.kind", default="laps") for job, c in configs.items()}  # laps: the default
@@ -117,10 +117,11 @@ def test_model_sweep_compares_laps_with_its_baseline(tmp_path: Path, sweep_data:
     assert [(r["model"], r["status"]) for r in rows] == [("laps", "ok"), ("vse", "ok")]
     for r in rows:
         written = json.loads((sweep_dir / r["job"] / "metrics.json").read_text())
-        assert {"val/rsum", "test/rsum", "train/epoch_time_s"} <= set(written)
-        assert written["train/epoch_time_s"] > 0
+        assert {"val/rsum", "test/rsum"} <= set(written)
         assert float(r["test/rsum"]) == pytest.approx(written["test/rsum"])
-        assert float(r["train/epoch_time_s"]) == pytest.approx(written["train/epoch_time_s"])
+        with (sweep_dir / r["job"] / "csv" / "metrics.csv").open() as f:
+            times = [float(row["train/epoch_time_s"]) for row in csv.DictReader(f) if row.get("train/epoch_time_s")]
+        assert len(times) == 1 and times[0] > 0  # one epoch
 
 
 def test_child_argv_runs_one_job() -> None:

@@ -31,7 +31,3 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """``||ours - ref|| / ||ref||`` in float64."""
     ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
     return float((ours - ref).norm() / ref.norm().clamp_min(1e-300))
-
-
-# metrics.json keys that are wall times, not results: present in every run, equal in none
-WALL_TIME_KEYS = frozenset({"train/epoch_time_s"})

@@ -25,8 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("laps")
 
-KEY_METRICS = ("val/rsum_best", "val/rsum", "test/rsum", "test/i2t_R@1", "test/t2i_R@1", "test_1k/rsum",
-               "train/epoch_time_s")
+KEY_METRICS = ("val/rsum_best", "val/rsum", "test/rsum", "test/i2t_R@1", "test/t2i_R@1", "test_1k/rsum")
 
 
 # ---------------------------------------------------------------------------- sweeps

@@ -285,8 +285,7 @@ def _fit_and_test(cfg: DictConfig, report: Report | None, ckpt_path: str | None,
         check_state_shapes(ckpt, module.state_dict(), saved["state_dict"])
     if fitting:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-               if k.startswith("val/") or k == "train/epoch_time_s"}  # the last epoch's
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if fitting and not metrics:  # the checkpoint's fit was complete (the run stopped in its test)
         metrics = last_validation(saved)
     checkpointing = trainer.checkpoint_callback
