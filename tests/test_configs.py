@@ -93,3 +93,11 @@ def test_official_recipes_match_the_table() -> None:
         assert cfg.trainer.max_epochs == 30
         assert cfg.callbacks.model_checkpoint.monitor == "val/rsum"
     assert _compose(["experiment=coco_vit"]).dataset.test_split == "testall"
+
+
+def test_head_memory_options_reach_the_head() -> None:
+    from hydra.utils import instantiate
+
+    net = instantiate(_compose(["model.net.max_saved_mb=0", "model.net.chunk_pairs=16"]).model.net)
+    assert (net.head.max_saved_mb, net.head.chunk_pairs) == (0.0, 16)
+    assert instantiate(_compose([]).model.net).head.max_saved_mb == 1024.0

@@ -12,7 +12,7 @@ from laps.models.laps_model import LAPSModel
 from laps.models.vse import POOLINGS, VSEModel
 
 KINDS = ("laps", "vse")
-LAPS_HEAD_OPTIONS = ("chunk_pairs", "selection", "attention_weight", "gumbel_tau")
+LAPS_HEAD_OPTIONS = ("chunk_pairs", "max_saved_mb", "selection", "attention_weight", "gumbel_tau")
 
 
 def create_vision_encoder(
@@ -79,8 +79,8 @@ def create_model(
         sparse_ratio, aggr_ratio: the head's ratios; default the backbone's official ones (unused by ``vse``).
         kind: ``laps`` (the slimming head) or ``vse`` (cosine of pooled vectors).
         pooling: ``vse`` only: ``mean`` (the default) or ``gpo``.
-        head_options: the rest of :class:`LAPSModel`'s options (``chunk_pairs``, ``selection``,
-            ``attention_weight``, ``gumbel_tau``); ``vse`` has no patch selection, so it refuses a
+        head_options: the rest of :class:`LAPSModel`'s options (``chunk_pairs``, ``max_saved_mb``,
+            ``selection``, ``attention_weight``, ``gumbel_tau``); ``vse`` has no patch selection, so it refuses a
             ``selection`` other than ``topk`` and does not use the others.
     """
     if kind not in KINDS:

@@ -23,6 +23,8 @@ class LAPSModel(DualEncoder):
         aggr_ratio: aggregated tokens as a fraction of the kept ones.
         chunk_pairs: image-caption pairs scored at once by the head (bounds memory); ``None`` sizes
             the head's blocks by memory (see :class:`LAPSHead`).
+        max_saved_mb: MiB of the head's intermediates kept from forward to backward in training;
+            blocks beyond it are recomputed in backward.
         selection: ``topk`` (the official hard selection) or ``gumbel`` (the paper's learned decision).
         attention_weight: with ``gumbel``, the weight of the attention scores against the prediction.
         gumbel_tau: with ``gumbel``, the Gumbel-softmax temperature.
@@ -35,6 +37,7 @@ class LAPSModel(DualEncoder):
         sparse_ratio: float = 0.5,
         aggr_ratio: float = 0.4,
         chunk_pairs: int | None = None,
+        max_saved_mb: float = 1024.0,
         selection: str = "topk",
         attention_weight: float = 0.8,
         gumbel_tau: float = 1.0,
@@ -47,6 +50,7 @@ class LAPSModel(DualEncoder):
             aggr_ratio=aggr_ratio,
             has_cls=vision.has_cls,
             chunk_pairs=chunk_pairs,
+            max_saved_mb=max_saved_mb,
             selection=selection,
             attention_weight=attention_weight,
             gumbel_tau=gumbel_tau,
