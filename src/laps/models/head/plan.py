@@ -101,8 +101,9 @@ class HeadPlan:
 PLANS = {
     "cpu": HeadPlan(block_bytes=16 * MiB, block_captions=8, select_captions=64, image_bytes=1 * MiB,
                     gather_bytes=64 * MiB, cap_chunk_pairs=True),
-    # oneDNN serves CPU float32 only: the GPU plan fixes torch's kernels, also when run on CPU tensors
-    "default": HeadPlan(block_bytes=256 * MiB, block_captions=None, select_captions=64, image_bytes=256 * MiB,
+    # oneDNN serves CPU float32 only: the GPU plan fixes torch's kernels, also when run on CPU tensors.
+    # 128 MiB still holds thousands of pairs at ViT-B/16 shapes; what it saves is in docs/benchmarks.md.
+    "default": HeadPlan(block_bytes=128 * MiB, block_captions=None, select_captions=64, image_bytes=256 * MiB,
                         gather_bytes=256 * MiB, cap_chunk_pairs=False, gemm="torch"),
 }
 
